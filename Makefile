@@ -1,0 +1,26 @@
+# The two README commands live here, so CI and people run exactly the same thing.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+# CPU build of torch first: a looser requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test lint typecheck check
+
+install:
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e '.[hf,dev]'
+
+demo: install
+	$(PYTHON) -m qualgate info
+
+test:
+	$(PYTHON) -m pytest -q
+
+lint:
+	ruff check qualgate tests
+	ruff format --check qualgate tests
+
+typecheck:
+	mypy
+
+check: lint typecheck test

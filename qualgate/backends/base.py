@@ -1,0 +1,144 @@
+"""Engine adapters: a Backend opens a Session for a stack; a Session scores and generates.
+
+A session's results are plain numpy arrays so instruments never depend on torch or on an engine.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from qualgate.errors import ConfigError
+from qualgate.layers import Layer
+from qualgate.registry import Registry
+from qualgate.stack import Stack
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Teacher-forced scores of token_ids[1:], each predicted from the tokens before it.
+
+    Row i describes the prediction of token_ids[i + 1]: its logprob, the top-k ids and logprobs
+    (descending), and the probability mass outside the top-k (the tail bucket of METRICS.md).
+    """
+
+    token_ids: np.ndarray  # [n] int64
+    logprobs: np.ndarray  # [n-1] float64
+    top_ids: np.ndarray  # [n-1, k] int64
+    top_logprobs: np.ndarray  # [n-1, k] float64
+    tail_mass: np.ndarray  # [n-1] float64
+    block_size: int | None  # how the tokens went through the cache; None = one forward pass
+
+    @property
+    def top_k(self) -> int:
+        return int(self.top_ids.shape[1])
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated tokens only
+    text: str
+    top_ids: np.ndarray  # [m, k]: the distribution each generated token was chosen from
+    top_logprobs: np.ndarray  # [m, k]
+    finish_reason: str  # "stop" (EOS) or "length"
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    score: bool = True
+    generate: bool = True
+    max_top_k: int | None = None  # None: the whole vocabulary
+    block_scoring: bool = True  # can feed text through the KV cache in blocks
+
+
+class Session(ABC):
+    """A stack ready to use. Close it (or use it as a context manager) to free the engine."""
+
+    stack: Stack
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    @property
+    @abstractmethod
+    def bos_token_id(self) -> int | None: ...
+
+    @property
+    @abstractmethod
+    def eos_token_id(self) -> int | None: ...
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    @abstractmethod
+    def score(self, token_ids: Sequence[int], top_k: int = 64, block_size: int | None = None) -> ScoreResult:
+        """Teacher-forced logprobs. block_size=None is one forward pass; an int feeds the tokens
+        through the KV cache that many at a time (1 reproduces decoding exactly)."""
+
+    @abstractmethod
+    def generate(
+        self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64, top_k: int = 8
+    ) -> list[Generation]:
+        """Greedy generation; a str prompt is encoded with BOS, a token list is used as given."""
+
+    def layer_stats(self) -> dict[str, dict[str, float]]:
+        """Counters of the stack's layers since the session opened (acceptance, cache hits)."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the engine."""
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def supports(self, layer: Layer[Any]) -> bool:
+        """Whether this engine can apply the layer."""
+
+    @abstractmethod
+    def open(self, stack: Stack) -> Session: ...
+
+    def check(self, stack: Stack) -> None:
+        unsupported = [layer for layer in stack.layers if not self.supports(layer)]
+        if unsupported:
+            names = ", ".join(f"'{layer.name}' ({layer.kind}/{layer.method})" for layer in unsupported)
+            raise ConfigError(f"backend '{self.name}' cannot apply layer {names}; use a backend that supports it")
+
+
+BACKENDS: Registry[type[Backend]] = Registry("backend")
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    BACKENDS.register(cls.name)(cls)
+    return cls
+
+
+def get_backend(name: str, **options: Any) -> Backend:
+    cls = BACKENDS.get(name)
+    if not isinstance(cls, type) or not issubclass(cls, Backend):
+        raise ConfigError(f"backend '{name}' is not a qualgate Backend subclass")
+    return cls(**options)
+
+
+def open_session(stack: Stack, backend: str = "hf", **options: Any) -> Session:
+    engine = get_backend(backend, **options)
+    engine.check(stack)
+    return engine.open(stack)

@@ -1,0 +1,170 @@
+"""The reference engine: HF transformers in-process, every layer applied by qualgate itself."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from qualgate.backends.base import Backend, Capabilities, Generation, ScoreResult, Session, register_backend
+from qualgate.backends.hf_cache import croppable, snapshot_cache
+from qualgate.backends.hf_decode import GreedyDecoder
+from qualgate.errors import ConfigError
+from qualgate.layers import KVQuantLayer, Layer, PrefixCacheLayer, SpeculationLayer, WeightQuantLayer
+from qualgate.layers.prefix_cache import PrefixStore
+from qualgate.models import load_hf_model, load_hf_tokenizer
+from qualgate.stack import Stack
+
+
+@register_backend
+class HFBackend(Backend):
+    name: ClassVar[str] = "hf"
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+
+    def supports(self, layer: Layer[Any]) -> bool:
+        # Every layer kind has an in-process hook; a plug-in layer implements the hook of its kind.
+        return isinstance(layer, (WeightQuantLayer, KVQuantLayer, SpeculationLayer, PrefixCacheLayer))
+
+    def open(self, stack: Stack) -> HFSession:
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        return HFSession(stack)
+
+
+class HFSession(Session):
+    capabilities: ClassVar[Capabilities] = Capabilities(score=True, generate=True, max_top_k=None)
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.tokenizer = load_hf_tokenizer(stack.model)
+        model = load_hf_model(stack.model)
+        weight_layer = stack.layer("weight_quant")
+        if weight_layer is not None:
+            assert isinstance(weight_layer, WeightQuantLayer)
+            model = weight_layer.apply(model)
+        self.model = model
+        self.config = model.config
+        self.max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 0)
+        kv_layer = stack.layer("kv_quant")
+        self.kv_layer = kv_layer if isinstance(kv_layer, KVQuantLayer) else None
+        spec = stack.layer("speculation")
+        self.speculation = spec if isinstance(spec, SpeculationLayer) else None
+        proposer = self.speculation.make_proposer(stack.model.torch_dtype()) if self.speculation else None
+        prefix = stack.layer("prefix_cache")
+        self.prefix_store = None
+        if isinstance(prefix, PrefixCacheLayer):
+            self.prefix_store = PrefixStore(prefix.params.block_size, prefix.params.max_entries, snapshot_cache)
+        self.decoder = GreedyDecoder(
+            self._forward, self.new_cache, croppable, snapshot_cache, self.speculation, proposer, self.prefix_store
+        )
+
+    # -- tokenizer -----------------------------------------------------------------------------
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tokenizer.bos_token_id  # type: ignore[no-any-return]
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id  # type: ignore[no-any-return]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [self.bos_token_id, *ids] if add_bos and self.bos_token_id is not None else ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    # -- model -----------------------------------------------------------------------------------
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return self.kv_layer.make_cache(self.config) if self.kv_layer else DynamicCache()
+
+    def _forward(self, token_ids: list[int], cache: Any) -> Any:
+        """Next-token logprobs (float64) after each of `token_ids`, appended to `cache`."""
+        import torch
+
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([token_ids]), past_key_values=cache, use_cache=cache is not None)
+        return torch.log_softmax(out.logits[0].double(), dim=-1)
+
+    def _check_length(self, n: int, what: str) -> None:
+        if self.max_positions and n > self.max_positions:
+            raise ConfigError(
+                f"{what} is {n} tokens, beyond the model's context of {self.max_positions}; "
+                "use shorter chunks (n_ctx) or prompts"
+            )
+
+    def score(self, token_ids: Sequence[int], top_k: int = 64, block_size: int | None = None) -> ScoreResult:
+        import torch
+
+        ids = [int(t) for t in token_ids]
+        if len(ids) < 2:
+            raise ConfigError("score needs at least two tokens (one context token and one to predict)")
+        self._check_length(len(ids), "the scored sequence")
+        if block_size is None and self.kv_layer is not None:
+            raise ConfigError(
+                f"stack '{self.stack.name}' quantizes the KV cache, which a single forward pass never reads; "
+                "score it with a block_size (1 reproduces decoding)"
+            )
+        if block_size is not None and block_size < 1:
+            raise ConfigError(f"block_size must be >= 1 (got {block_size})")
+        if block_size is None:
+            logprobs = self._forward(ids, None)
+        else:
+            cache = self.new_cache()
+            logprobs = torch.cat(
+                [self._forward(ids[i : i + block_size], cache) for i in range(0, len(ids), block_size)]
+            )
+        logprobs = logprobs[:-1]  # the last position predicts past the end of the text
+        targets = torch.tensor(ids[1:]).unsqueeze(1)
+        k = min(top_k, logprobs.shape[-1])
+        top = logprobs.topk(k, dim=-1)
+        tail = (1.0 - top.values.exp().sum(dim=-1)).clamp(min=0.0)
+        return ScoreResult(
+            token_ids=np.asarray(ids, dtype=np.int64),
+            logprobs=logprobs.gather(1, targets).squeeze(1).numpy(),
+            top_ids=top.indices.numpy(),
+            top_logprobs=top.values.numpy(),
+            tail_mass=tail.numpy(),
+            block_size=block_size,
+        )
+
+    def generate(
+        self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64, top_k: int = 8
+    ) -> list[Generation]:
+        results = []
+        for prompt in prompts:
+            ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            if not ids:
+                raise ConfigError("generate got an empty prompt; give at least one token (BOS)")
+            self._check_length(len(ids) + max_new_tokens, "prompt plus max_new_tokens")
+            decoded = self.decoder.generate(ids, max_new_tokens, top_k, self.eos_token_id)
+            results.append(
+                Generation(
+                    prompt_ids=ids,
+                    token_ids=decoded.token_ids,
+                    text=self.decode(decoded.token_ids),
+                    top_ids=decoded.top_ids,
+                    top_logprobs=decoded.top_logprobs,
+                    finish_reason=decoded.finish_reason,
+                )
+            )
+        return results
+
+    def layer_stats(self) -> dict[str, dict[str, float]]:
+        stats: dict[str, dict[str, float]] = {}
+        if self.speculation is not None:
+            stats["speculation"] = self.decoder.spec_stats.as_dict()
+        if self.prefix_store is not None:
+            stats["prefix_cache"] = self.prefix_store.stats.as_dict()
+        return stats

@@ -1,0 +1,164 @@
+"""What a layer is: one optimization with a kind, a method, parameters and a `lossless` flag.
+
+A layer is declarative: its parameters say what the optimization is. The in-process HF backend
+applies it through the hook of its kind (below); engine backends translate the same parameters to
+their own flags. A user's layer subclasses one of the four kind bases and is named in a pipeline by
+"package.module:Class" as its method.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qualgate.errors import ConfigError
+from qualgate.registry import Registry, did_you_mean
+from qualgate.validation import validate
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import Cache, PretrainedConfig
+
+LayerKind = Literal["weight_quant", "kv_quant", "speculation", "prefix_cache"]
+LAYER_KINDS: tuple[LayerKind, ...] = ("weight_quant", "kv_quant", "speculation", "prefix_cache")
+
+
+class LayerParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SpeculationParams(LayerParams):
+    num_speculative_tokens: int = Field(4, ge=1, le=32)
+
+
+class PrefixCacheParams(LayerParams):
+    block_size: int = Field(16, ge=1, description="reuse granularity in tokens (vLLM's default block is 16)")
+    max_entries: int = Field(64, ge=1, description="cached prefixes kept, least recently used dropped first")
+
+
+P = TypeVar("P", bound=LayerParams)
+SP = TypeVar("SP", bound=SpeculationParams)
+PP = TypeVar("PP", bound=PrefixCacheParams)
+
+
+class Layer(ABC, Generic[P]):
+    kind: ClassVar[LayerKind]
+    method: ClassVar[str]
+    lossless: ClassVar[bool]
+    Params: ClassVar[type[LayerParams]] = LayerParams  # the class of `params`, used to validate configs
+
+    def __init__(self, params: P, name: str | None = None) -> None:
+        self.params: P = params
+        self.name = name or self.default_name()
+
+    def default_name(self) -> str:
+        return f"{self.kind}:{self.method}"
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that determines this layer's effect; part of every cache key that involves it."""
+        return {"kind": self.kind, "method": self.method, "params": self.params.model_dump(mode="json")}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.params.model_dump()})"
+
+
+class WeightQuantLayer(Layer[P]):
+    kind: ClassVar[LayerKind] = "weight_quant"
+    lossless: ClassVar[bool] = False
+
+    @abstractmethod
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Quantize the model's weights (in place or not) and return the model to run."""
+
+
+class KVQuantLayer(Layer[P]):
+    kind: ClassVar[LayerKind] = "kv_quant"
+    lossless: ClassVar[bool] = False
+
+    @abstractmethod
+    def make_cache(self, config: PretrainedConfig) -> Cache:
+        """A fresh, empty KV cache that quantizes K and V as they are written."""
+
+
+class Proposer(ABC):
+    """Proposes draft tokens for one sequence; verification belongs to the decoding loop."""
+
+    @abstractmethod
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        """Up to k draft tokens to follow `context` (an empty list means: decode one token normally)."""
+
+
+class SpeculationLayer(Layer[SP]):
+    kind: ClassVar[LayerKind] = "speculation"
+    lossless: ClassVar[bool] = True
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        return self.params.num_speculative_tokens
+
+    @abstractmethod
+    def make_proposer(self, dtype: torch.dtype) -> Proposer:
+        """A proposer for one generation (it may keep state, e.g. the draft model's KV cache)."""
+
+    def accept(self, draft: Sequence[int], target_logprobs: torch.Tensor) -> int:
+        """How many leading draft tokens the target accepts.
+
+        `target_logprobs[i]` is the target's next-token distribution after the context plus draft[:i].
+        Greedy verification accepts exactly the tokens the target would have chosen itself, which is
+        what makes speculation lossless; a subclass that accepts more is lossy by construction.
+        """
+        choices = target_logprobs.argmax(dim=-1).tolist()
+        accepted = 0
+        for token, choice in zip(draft, choices, strict=False):
+            if token != choice:
+                break
+            accepted += 1
+        return accepted
+
+
+class PrefixCacheLayer(Layer[PP]):
+    """Reuse of a prompt prefix's KV cache, in whole blocks of `params.block_size` tokens."""
+
+    kind: ClassVar[LayerKind] = "prefix_cache"
+    lossless: ClassVar[bool] = True
+
+
+KIND_BASES: dict[LayerKind, type[Layer[Any]]] = {
+    "weight_quant": WeightQuantLayer,
+    "kv_quant": KVQuantLayer,
+    "speculation": SpeculationLayer,
+    "prefix_cache": PrefixCacheLayer,
+}
+LAYERS: dict[LayerKind, Registry[type[Layer[Any]]]] = {kind: Registry(f"{kind} method") for kind in LAYER_KINDS}
+L = TypeVar("L", bound="type[Layer[Any]]")
+
+
+def register_layer(cls: L) -> L:
+    LAYERS[cls.kind].register(cls.method)(cls)
+    return cls
+
+
+def build_layer(spec: Mapping[str, Any], where: str = "layer") -> Layer[Any]:
+    """Build a layer from its configuration: {kind, method, name?, **params}."""
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    method = spec.pop("method", None)
+    name = spec.pop("name", None)
+    if kind is None or method is None:
+        raise ConfigError(f"{where}: a layer needs 'kind' and 'method' (e.g. kind: weight_quant, method: rtn)")
+    if kind not in LAYERS:
+        raise ConfigError(f"{where}: unknown layer kind '{kind}'; {did_you_mean(str(kind), list(LAYER_KINDS))}")
+    try:
+        cls = LAYERS[kind].get(str(method))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if not isinstance(cls, type) or not issubclass(cls, KIND_BASES[kind]):
+        raise ConfigError(
+            f"{where}: '{method}' is not a {kind} layer; a plug-in must subclass "
+            f"qualgate.layers.{KIND_BASES[kind].__name__}"
+        )
+    params = validate(cls.Params, spec, f"{where} ({kind}/{method})")
+    return cls(params, name=name)

@@ -1,0 +1,127 @@
+"""Speculative decoding layers: a draft model, or prompt lookup (n-gram) as in vLLM's `ngram` method.
+
+Both only propose tokens; the decoding loop verifies them against the target with greedy acceptance
+(SpeculationLayer.accept), so the output must equal plain greedy decoding of the same stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import Field, model_validator
+
+from qualgate.layers.base import Proposer, SpeculationLayer, SpeculationParams, register_layer
+from qualgate.models import ModelSpec, load_hf_model
+
+if TYPE_CHECKING:
+    import torch
+
+
+class DraftModelParams(SpeculationParams):
+    draft: str = "bundled:draft"
+    """The draft model (same tokenizer as the target): a directory, hub id or bundled:<name>."""
+
+
+class DraftModelProposer(Proposer):
+    """Greedy proposals from a small model that keeps its own KV cache across verification steps."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.cache: Any = None
+        self.cached: list[int] = []  # the token ids whose K/V the draft cache holds
+
+    def _sync(self, context: Sequence[int]) -> Any:
+        """Bring the draft cache to `context` minus its last token; return that token's logits."""
+        import torch
+        from transformers import DynamicCache
+
+        shared = 0
+        limit = min(len(self.cached), len(context) - 1)
+        while shared < limit and self.cached[shared] == context[shared]:
+            shared += 1
+        if self.cache is None or shared == 0:
+            self.cache, self.cached = DynamicCache(), []
+        elif shared < len(self.cached):
+            self.cache.crop(shared - len(self.cached))
+            self.cached = self.cached[:shared]
+        fresh = list(context[len(self.cached) :])
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([fresh]), past_key_values=self.cache, use_cache=True)
+        self.cached.extend(fresh)
+        return out.logits[0, -1]
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        import torch
+
+        logits = self._sync(context)
+        draft: list[int] = []
+        with torch.no_grad():
+            for _ in range(k):
+                token = int(logits.argmax())
+                draft.append(token)
+                if len(draft) == k:
+                    break
+                out = self.model(input_ids=torch.tensor([[token]]), past_key_values=self.cache, use_cache=True)
+                self.cached.append(token)
+                logits = out.logits[0, -1]
+        return draft
+
+
+@register_layer
+class DraftModel(SpeculationLayer[DraftModelParams]):
+    method: ClassVar[str] = "draft_model"
+    Params = DraftModelParams
+
+    def default_name(self) -> str:
+        return f"spec-draft{self.params.num_speculative_tokens}"
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "draft_fingerprint": ModelSpec(path=self.params.draft).fingerprint()}
+
+    def make_proposer(self, dtype: torch.dtype) -> Proposer:
+        spec = ModelSpec(path=self.params.draft)
+        model = load_hf_model(spec).to(dtype)
+        return DraftModelProposer(model)
+
+
+class NgramParams(SpeculationParams):
+    prompt_lookup_max: int = Field(3, ge=1)
+    prompt_lookup_min: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> NgramParams:
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("prompt_lookup_min must not exceed prompt_lookup_max")
+        return self
+
+
+class NgramProposer(Proposer):
+    """Find the longest recent n-gram match of the context's tail and propose what followed it."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.min_n, self.max_n = min_n, max_n
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        tokens = list(context)
+        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
+            tail = tokens[-n:]
+            # Latest earlier occurrence first: recent context predicts best (as vLLM's ngram proposer).
+            for start in range(len(tokens) - n - 1, -1, -1):
+                if tokens[start : start + n] == tail:
+                    follow = tokens[start + n : start + n + k]
+                    if follow:
+                        return follow
+        return []
+
+
+@register_layer
+class Ngram(SpeculationLayer[NgramParams]):
+    method: ClassVar[str] = "ngram"
+    Params = NgramParams
+
+    def default_name(self) -> str:
+        return f"spec-ngram{self.params.num_speculative_tokens}"
+
+    def make_proposer(self, dtype: torch.dtype) -> Proposer:
+        return NgramProposer(self.params.prompt_lookup_min, self.params.prompt_lookup_max)

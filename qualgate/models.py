@@ -1,0 +1,108 @@
+"""Which weights and tokenizer a stack runs: ModelSpec, the bundled fixture models, identities."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from qualgate.errors import ConfigError, MissingDependencyError
+from qualgate.fixtures import BUNDLED_MODELS, bundled_model_path
+
+if TYPE_CHECKING:
+    import torch
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+BUNDLED_PREFIX = "bundled:"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = f"{BUNDLED_PREFIX}target"
+    """A local directory, a hub id already in the local HF cache, or `bundled:<name>`."""
+    dtype: Dtype = "float32"
+
+    def local_path(self) -> Path | None:
+        if self.path.startswith(BUNDLED_PREFIX):
+            name = self.path[len(BUNDLED_PREFIX) :]
+            if name not in BUNDLED_MODELS:
+                raise ConfigError(
+                    f"model path '{self.path}': no bundled model '{name}'; bundled: "
+                    + ", ".join(f"{BUNDLED_PREFIX}{n}" for n in BUNDLED_MODELS)
+                )
+            path = bundled_model_path(name)
+            if not (path / "config.json").is_file():
+                raise ConfigError(
+                    f"bundled model '{name}' is missing from {path}; rebuild the bundled models: "
+                    "python -m qualgate.fixtures.train"
+                )
+            return path
+        path = Path(self.path).expanduser()
+        if path.exists():
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"model path '{self.path}' has no config.json; point it at a HF model directory")
+            return path
+        if self.path.startswith((".", "/", "~")) or self.path.count("/") != 1:
+            raise ConfigError(f"model path '{self.path}' does not exist; give a model directory or bundled:target")
+        return None  # a hub id, resolved from the local HF cache when loaded
+
+    def source(self) -> str:
+        local = self.local_path()
+        return str(local) if local is not None else self.path
+
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
+
+    def fingerprint(self) -> dict[str, str]:
+        """sha256 of every weight and tokenizer file: the model's identity in every cache key."""
+        local = self.local_path()
+        if local is None:
+            return {"hub_id": self.path}
+        return dict(_directory_fingerprint(local))
+
+
+@lru_cache(maxsize=32)
+def _directory_fingerprint(directory: Path) -> tuple[tuple[str, str], ...]:
+    files = sorted(
+        p for p in directory.iterdir() if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name in _TOKENIZER_FILES)
+    )
+    return tuple((p.name, _sha256(p)) for p in files)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_hf_model(spec: ModelSpec) -> Any:
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as exc:
+        raise MissingDependencyError("transformers", "the hf backend", extra="hf") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.source(), dtype=spec.torch_dtype())
+    except OSError as exc:
+        raise ConfigError(
+            f"model '{spec.path}' could not be loaded offline ({exc}); download it to a local directory first"
+        ) from None
+    return model.eval()
+
+
+def load_hf_tokenizer(spec: ModelSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec.source())
+    except OSError as exc:
+        raise ConfigError(f"tokenizer of model '{spec.path}' could not be loaded offline ({exc})") from None

@@ -1,0 +1,65 @@
+"""Shared fixtures: the bundled models, offline, and sessions reused across tests where that is safe."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Nothing may come from a hub: the fixture models and data ship in the repository.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parent.parent
+EVALS = REPO / "evals"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    # Two cores: one thread per test process keeps timings stable and results deterministic.
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def general_prompts() -> list[str]:
+    return [row["prompt"] for row in read_jsonl(EVALS / "prompts" / "general.jsonl")]
+
+
+@pytest.fixture(scope="session")
+def shared_prefix_prompts() -> list[str]:
+    return [row["prompt"] for row in read_jsonl(EVALS / "prompts" / "shared_prefix.jsonl")]
+
+
+@pytest.fixture(scope="session")
+def domain_text() -> str:
+    return (EVALS / "domain" / "cpython_docs_heldout.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def base_session() -> Iterator[Any]:
+    from qualgate import build_stack, open_session
+
+    with open_session(build_stack({"path": "bundled:target"})) as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
+def domain_ids(base_session: Any, domain_text: str) -> list[int]:
+    """A 256-token window of held-out text (BOS first), enough to see every layer's effect."""
+    ids: list[int] = base_session.encode(domain_text[:4000])
+    return ids[:256]
+
+
+@pytest.fixture(scope="session")
+def base_generations(base_session: Any, general_prompts: list[str]) -> list[Any]:
+    return base_session.generate(general_prompts, max_new_tokens=32)
