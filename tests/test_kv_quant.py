@@ -41,11 +41,12 @@ def test_fp8_cache_rounds_every_stored_value_to_fp8() -> None:
 def test_quanto_cache_quantizes_beyond_the_residual_window(domain_ids: list[int]) -> None:
     with _session({"method": "quanto", "bits": 4, "residual_length": 32}) as kv:
         cache = kv.new_cache()
-        for i in range(0, 100, BLOCK):
+        for i in range(0, 7 * BLOCK, BLOCK):
             kv._forward(domain_ids[i : i + BLOCK], cache)
         layer = cache.layers[0]
-        assert layer.get_seq_length() == 100
-        assert layer._quantized_keys is not None and layer.keys.shape[-2] < 32, "old tokens live quantized"
+        assert layer.get_seq_length() == 7 * BLOCK
+        residual = layer.keys.shape[-2] if layer.keys.dim() == 4 else 0  # flushed: an empty 1-d tensor
+        assert layer._quantized_keys is not None and residual < 32, "old tokens live quantized"
 
 
 def test_kv_error_grows_as_bits_shrink_and_only_through_the_cache(base_session: Any, domain_ids: list[int]) -> None:

@@ -43,7 +43,7 @@ def test_self_draft_accepts_everything(base_generations: list[Any], general_prom
 
 
 def test_ngram_speculation_accepts_on_repetitive_text() -> None:
-    prompt = "x = x + 1\nx = x + 1\nx = x + 1\nx = x + 1\nx = x + 1\nx = x"
+    prompt = ">>> print(a)\n1\n>>> print(a)\n1\n>>> print(a)\n1\n>>> print(a)\n"
     generations, stats = _generate([NGRAM], [prompt])
     reference, _ = _generate([], [prompt])
     assert _ids(generations) == _ids(reference)
@@ -72,8 +72,9 @@ def test_prefix_cache_cold_and_warm_match_and_report_hits(shared_prefix_prompts:
 def test_prefix_reuse_is_in_whole_blocks_and_never_the_last_token() -> None:
     with open_session(build_stack(TARGET, [PREFIX])) as session:
         base = session.encode(
-            "The list type supports the following operations on sequences of items, in "
-            "addition to the common sequence operations described in the sections below."
+            "The list type supports the following operations on sequences of items, in addition to the "
+            "common sequence operations described in the sections below; each of them raises an exception "
+            "when the index is out of range, as described in the reference for mutable sequence types."
         )
         assert len(base) > 33
         session.generate([base], max_new_tokens=2)
@@ -86,16 +87,36 @@ def test_prefix_reuse_is_in_whole_blocks_and_never_the_last_token() -> None:
         assert session.layer_stats()["prefix_cache"]["reused_tokens"] == 16
 
 
-@pytest.mark.parametrize(
-    "kv",
-    [{"method": "fp8"}, {"method": "quanto", "bits": 4, "residual_length": 64}],
-    ids=["fp8-croppable", "quanto-snapshot"],
-)
-def test_lossless_layers_on_top_of_lossy_ones(kv: dict[str, Any], general_prompts: list[str]) -> None:
-    lossy = [{"kind": "weight_quant", "method": "rtn", "bits": 4, "group_size": 64}, {"kind": "kv_quant", **kv}]
-    prompts = general_prompts[:6]
-    reference, _ = _generate(lossy, prompts)
-    stacked, stats = _generate([*lossy, DRAFT, PREFIX], prompts + prompts)
+W4 = {"kind": "weight_quant", "method": "rtn", "bits": 4, "group_size": 64}
+FP8_KV = {"kind": "kv_quant", "method": "fp8"}
+QUANTO_KV = {"kind": "kv_quant", "method": "quanto", "bits": 4, "residual_length": 64}
+
+
+def test_full_stack_is_lossless_over_a_per_value_kv_quantizer(shared_prefix_prompts: list[str]) -> None:
+    """FP8 rounds each value on its own, so reuse and verification see exactly what decoding sees."""
+    reference, _ = _generate([W4, FP8_KV], shared_prefix_prompts)
+    stacked, stats = _generate([W4, FP8_KV, DRAFT, PREFIX], shared_prefix_prompts * 2)
     assert _ids(stacked) == _ids(reference) * 2
-    assert stats["prefix_cache"]["hits"] >= len(prompts)
+    assert stats["prefix_cache"]["hits"] >= len(shared_prefix_prompts)
     assert stats["speculation"]["accepted_tokens"] > 0
+
+
+def test_speculation_rewinds_a_cache_that_cannot_be_cropped(shared_prefix_prompts: list[str]) -> None:
+    """transformers' quantized cache cannot drop rejected tokens: it is restored from a snapshot."""
+    reference, _ = _generate([W4, QUANTO_KV], shared_prefix_prompts)
+    stacked, stats = _generate([W4, QUANTO_KV, DRAFT], shared_prefix_prompts)
+    assert _ids(stacked) == _ids(reference)
+    assert 0 < stats["speculation"]["accepted_tokens"] < stats["speculation"]["proposed_tokens"]
+
+
+def test_prefix_reuse_over_a_chunk_dependent_kv_quantizer_changes_the_output(
+    shared_prefix_prompts: list[str],
+) -> None:
+    """A real interaction, not a bug of the harness: quanto quantizes each prefill chunk as a group,
+    so a prefix computed (and cached) on its own is quantized differently from the same tokens inside
+    a whole prompt. Prefix caching is lossless only over a quantizer that does not depend on chunking;
+    the equivalence instrument must see this."""
+    reference, _ = _generate([QUANTO_KV], shared_prefix_prompts)
+    stacked, stats = _generate([QUANTO_KV, PREFIX], shared_prefix_prompts)
+    assert stats["prefix_cache"]["reused_tokens"] > 0
+    assert _ids(stacked) != _ids(reference)
