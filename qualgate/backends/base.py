@@ -32,6 +32,7 @@ class ScoreResult:
     top_logprobs: np.ndarray  # [n-1, k] float64
     tail_mass: np.ndarray  # [n-1] float64
     block_size: int | None  # how the tokens went through the cache; None = one forward pass
+    gathered: np.ndarray | None = None  # [n-1, m] logprobs of the ids asked for with `gather`
 
     @property
     def top_k(self) -> int:
@@ -82,9 +83,16 @@ class Session(ABC):
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
     @abstractmethod
-    def score(self, token_ids: Sequence[int], top_k: int = 64, block_size: int | None = None) -> ScoreResult:
+    def score(
+        self,
+        token_ids: Sequence[int],
+        top_k: int = 64,
+        block_size: int | None = None,
+        gather: np.ndarray | None = None,
+    ) -> ScoreResult:
         """Teacher-forced logprobs. block_size=None is one forward pass; an int feeds the tokens
-        through the KV cache that many at a time (1 reproduces decoding exactly)."""
+        through the KV cache that many at a time (1 reproduces decoding exactly). `gather` [n-1, m]
+        asks for the logprobs of given ids at every position (the reference's top-k, for KL)."""
 
     @abstractmethod
     def generate(

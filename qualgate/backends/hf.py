@@ -104,13 +104,21 @@ class HFSession(Session):
                 "use shorter chunks (n_ctx) or prompts"
             )
 
-    def score(self, token_ids: Sequence[int], top_k: int = 64, block_size: int | None = None) -> ScoreResult:
+    def score(
+        self,
+        token_ids: Sequence[int],
+        top_k: int = 64,
+        block_size: int | None = None,
+        gather: np.ndarray | None = None,
+    ) -> ScoreResult:
         import torch
 
         ids = [int(t) for t in token_ids]
         if len(ids) < 2:
             raise ConfigError("score needs at least two tokens (one context token and one to predict)")
-        self._check_length(len(ids), "the scored sequence")
+        self._check_length(len(ids) - 1, "the scored sequence")
+        if gather is not None and gather.shape[0] != len(ids) - 1:
+            raise ConfigError(f"gather has {gather.shape[0]} rows for {len(ids) - 1} scored positions")
         if block_size is None and self.kv_layer is not None:
             raise ConfigError(
                 f"stack '{self.stack.name}' quantizes the KV cache, which a single forward pass never reads; "
@@ -118,14 +126,14 @@ class HFSession(Session):
             )
         if block_size is not None and block_size < 1:
             raise ConfigError(f"block_size must be >= 1 (got {block_size})")
+        inputs = ids[:-1]  # the last token is only a target: nothing predicts past the text
         if block_size is None:
-            logprobs = self._forward(ids, None)
+            logprobs = self._forward(inputs, None)
         else:
             cache = self.new_cache()
             logprobs = torch.cat(
-                [self._forward(ids[i : i + block_size], cache) for i in range(0, len(ids), block_size)]
+                [self._forward(inputs[i : i + block_size], cache) for i in range(0, len(inputs), block_size)]
             )
-        logprobs = logprobs[:-1]  # the last position predicts past the end of the text
         targets = torch.tensor(ids[1:]).unsqueeze(1)
         k = min(top_k, logprobs.shape[-1])
         top = logprobs.topk(k, dim=-1)
@@ -137,6 +145,7 @@ class HFSession(Session):
             top_logprobs=top.values.numpy(),
             tail_mass=tail.numpy(),
             block_size=block_size,
+            gathered=None if gather is None else logprobs.gather(1, torch.as_tensor(gather, dtype=torch.long)).numpy(),
         )
 
     def generate(

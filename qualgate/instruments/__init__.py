@@ -1,0 +1,1 @@
+"""Instruments: ways of measuring quality on a session (fidelity, equivalence, benchmarks, judge)."""

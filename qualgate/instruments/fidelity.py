@@ -1,0 +1,206 @@
+"""Fidelity: perplexity on domain text and how far the candidate's distribution moved (METRICS.md).
+
+Two steps with one responsibility each: `score_text` runs a session over the chunks of a text and
+keeps per-token arrays (TokenScores); `compare` is a pure function of two TokenScores.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from qualgate.chunking import Chunk, ChunkingMode, llamacpp_chunks, rolling_chunks
+from qualgate.errors import ConfigError
+from qualgate.stats import Estimate, clustered_mean, pearson, percentiles, plain_mean, proportion
+
+if TYPE_CHECKING:
+    from qualgate.backends.base import Session
+
+CONFIDENCE_BUCKETS = (0.0, 0.25, 0.5, 0.75, 0.95, 1.0)
+
+
+class FidelityConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: ChunkingMode = "llamacpp"
+    n_ctx: int = Field(512, ge=4, description="llamacpp chunk length, or the rolling window (max_length)")
+    top_k: int = Field(64, ge=1, description="reference top-k kept for KL (plus one tail bucket)")
+    block_size: int | None = Field(None, ge=1, description="tokens fed through the KV cache at a time")
+    kv_block_size: int = Field(32, ge=1, description="block size used for stacks that quantize the KV cache")
+    max_chunks: int | None = Field(None, ge=1, description="score only the first N chunks")
+
+    def block_size_for(self, session: Session) -> int | None:
+        if self.block_size is None and session.stack.layer("kv_quant") is not None:
+            return self.kv_block_size
+        return self.block_size
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per scored token: its chunk, the actual next token and the distribution around it."""
+
+    chunk: np.ndarray  # [N] int32
+    target: np.ndarray  # [N] int64
+    logprob: np.ndarray  # [N] float64: log Q(t) (or log P(t) for the reference)
+    top_ids: np.ndarray  # [N, k]
+    top_logprobs: np.ndarray  # [N, k]
+    tail_mass: np.ndarray  # [N]
+    gathered: np.ndarray | None = None  # [N, k_ref]: this side's logprobs at the reference's top-k ids
+    block_size: int | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.target.size)
+
+
+def chunk_text(session: Session, text: str, config: FidelityConfig) -> list[Chunk]:
+    if config.mode == "llamacpp":
+        chunks = llamacpp_chunks(session.encode(text, add_bos=True), config.n_ctx, session.bos_token_id)
+    else:
+        prefix = session.bos_token_id if session.bos_token_id is not None else session.eos_token_id
+        if prefix is None:
+            raise ConfigError("rolling mode needs a BOS or EOS token to prefix the first window")
+        chunks = rolling_chunks(session.encode(text, add_bos=False), config.n_ctx, prefix)
+    return chunks[: config.max_chunks] if config.max_chunks else chunks
+
+
+def score_text(
+    session: Session,
+    chunks: list[Chunk],
+    config: FidelityConfig,
+    reference: TokenScores | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> TokenScores:
+    """Score every chunk; with a reference, also gather this side's logprobs at its top-k ids."""
+    block_size = config.block_size_for(session)
+    parts: list[dict[str, np.ndarray]] = []
+    offset = 0
+    for index, chunk in enumerate(chunks):
+        gather = None
+        if reference is not None:
+            rows = reference.top_ids[offset : offset + chunk.n_scored]
+            gather = np.zeros((len(chunk.token_ids) - 1, rows.shape[1]), dtype=np.int64)
+            gather[chunk.first_scored :] = rows
+        result = session.score(chunk.token_ids, top_k=config.top_k, block_size=block_size, gather=gather)
+        keep = slice(chunk.first_scored, None)
+        part: dict[str, np.ndarray] = {
+            "chunk": np.full(chunk.n_scored, index, dtype=np.int32),
+            "target": np.asarray(chunk.targets, dtype=np.int64),
+            "logprob": result.logprobs[keep],
+            "top_ids": result.top_ids[keep],
+            "top_logprobs": result.top_logprobs[keep],
+            "tail_mass": result.tail_mass[keep],
+        }
+        if result.gathered is not None:
+            part["gathered"] = result.gathered[keep]
+        parts.append(part)
+        offset += chunk.n_scored
+        if on_chunk is not None:
+            on_chunk(index + 1, len(chunks))
+    if reference is not None and offset != reference.n:
+        raise ConfigError(
+            f"the candidate scored {offset} tokens but the reference has {reference.n}; "
+            "they must use the same text and chunking"
+        )
+    merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    return TokenScores(**merged, block_size=block_size)
+
+
+@dataclass(frozen=True)
+class FidelityResult:
+    summary: dict[str, Any]
+    per_token: dict[str, np.ndarray]
+
+
+def kl_topk_tail(p_top: np.ndarray, p_tail: np.ndarray, q_at_p_top: np.ndarray) -> np.ndarray:
+    """KL(P||Q) over P's top-k tokens plus one tail bucket (a lower bound of the full KL).
+
+    p_top and q_at_p_top are logprobs [N, k] at the same token ids; p_tail is 1 - sum(P top-k).
+    """
+    p = np.exp(p_top)
+    head = (p * (p_top - q_at_p_top)).sum(axis=1)
+    q_tail = np.clip(1.0 - np.exp(q_at_p_top).sum(axis=1), 1e-300, None)
+    p_tail = np.clip(p_tail, 0.0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = np.where(p_tail > 0, p_tail * (np.log(np.where(p_tail > 0, p_tail, 1.0)) - np.log(q_tail)), 0.0)
+    return np.asarray(head + tail, dtype=np.float64)
+
+
+def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95) -> FidelityResult:
+    """All fidelity metrics of the candidate Q against the reference P on the same tokens."""
+    if candidate.gathered is None:
+        raise ConfigError("the candidate must be scored with the reference (score_text(..., reference=...))")
+    if reference.n != candidate.n or not np.array_equal(reference.target, candidate.target):
+        raise ConfigError("reference and candidate scored different tokens; use the same text and chunking")
+    nll_p = -reference.logprob.astype(np.float64)
+    nll_q = -candidate.logprob.astype(np.float64)
+    chunks = reference.chunk
+    k = reference.top_logprobs.shape[1]
+    kl = kl_topk_tail(
+        reference.top_logprobs.astype(np.float64),
+        reference.tail_mass.astype(np.float64),
+        candidate.gathered[:, :k].astype(np.float64),
+    )
+    kl = np.clip(kl, 0.0, None)  # tiny negatives are float noise of identical distributions
+    same = reference.top_ids[:, 0] == candidate.top_ids[:, 0]
+    dp = np.exp(-nll_q) - np.exp(-nll_p)
+    confidence = np.exp(reference.top_logprobs[:, 0].astype(np.float64))
+
+    ln_ratio = clustered_mean(nll_q - nll_p, chunks, level)
+    kl_plain = plain_mean(kl, level)
+    kl_clustered = clustered_mean(kl, chunks, level)
+    top1 = proportion(same, level)
+    buckets = []
+    for low, high in itertools.pairwise(CONFIDENCE_BUCKETS):
+        upper = confidence <= high if high == 1.0 else confidence < high
+        mask = (confidence >= low) & upper
+        buckets.append(
+            {
+                "bucket": f"[{low:g},{high:g}{']' if high == 1.0 else ')'}",
+                "n": int(mask.sum()),
+                "kl_mean": float(kl[mask].mean()) if mask.any() else float("nan"),
+            }
+        )
+    summary: dict[str, Any] = {
+        "n_tokens": reference.n,
+        "n_chunks": int(np.unique(chunks).size),
+        "top_k": k,
+        "block_size": {"reference": reference.block_size, "candidate": candidate.block_size},
+        "ppl_reference": float(np.exp(nll_p.mean())),
+        "ppl_candidate": float(np.exp(nll_q.mean())),
+        "ln_ppl_ratio": ln_ratio.as_dict(),
+        "ppl_ratio": ln_ratio.map(np.exp).as_dict(),
+        "kl_mean": {**kl_clustered.as_dict(), "se_plain": kl_plain.se},
+        "kl_percentiles": {
+            key: value for key, value in percentiles(kl).items() if key in ("p50", "p90", "p99", "p99.9", "max")
+        },
+        "same_top1": top1.as_dict(),
+        "dp_rms": float(np.sqrt((dp**2).mean())),
+        "dp_mean": float(dp.mean()),
+        "dp_percentiles": percentiles(dp),
+        "nll_correlation": pearson(nll_q, nll_p),
+        "kl_by_confidence": buckets,
+    }
+    per_token = {
+        "chunk": chunks,
+        "target": reference.target,
+        "nll_reference": nll_p,
+        "nll_candidate": nll_q,
+        "kl": kl,
+        "same_top1": same,
+        "dp": dp,
+        "reference_confidence": confidence,
+        "reference_top1": reference.top_ids[:, 0],
+        "candidate_top1": candidate.top_ids[:, 0],
+    }
+    return FidelityResult(summary, per_token)
+
+
+def perplexity(scores: TokenScores) -> Estimate:
+    """PPL with an interval from the chunk-clustered SE of the mean NLL."""
+    return clustered_mean(-scores.logprob, scores.chunk).map(np.exp)
