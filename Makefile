@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 
 install:
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e '.[hf,dev]'
+	$(PIP) install --quiet -e '.[hf,lmeval,dev]'
 
 demo: install
 	$(PYTHON) -m qualgate info
@@ -17,8 +17,8 @@ test:
 	$(PYTHON) -m pytest -q
 
 lint:
-	ruff check qualgate tests
-	ruff format --check qualgate tests
+	ruff check qualgate tests benchmarks
+	ruff format --check qualgate tests benchmarks
 
 typecheck:
 	mypy

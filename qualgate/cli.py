@@ -49,10 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="list bundled models, backends and layers")
     info.add_argument("--no-color", action="store_true")
     info.set_defaults(func=_info)
+    from qualgate.cli_fidelity import add_commands
+
+    add_commands(commands)
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep the output parseable: libraries' import chatter and weight-loading bars go nowhere."""
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for name in ("torch", "torch.utils._pytree", "torchao", "transformers", "optimum", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -69,15 +69,21 @@ class ModelSpec(BaseModel):
         return dict(_directory_fingerprint(local))
 
 
-@lru_cache(maxsize=32)
 def _directory_fingerprint(directory: Path) -> tuple[tuple[str, str], ...]:
     files = sorted(
         p for p in directory.iterdir() if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name in _TOKENIZER_FILES)
     )
-    return tuple((p.name, _sha256(p)) for p in files)
+    return tuple((p.name, _file_sha256(p)) for p in files)
 
 
-def _sha256(path: Path) -> str:
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    # Keyed by size and mtime too: a rewritten file must never be served from the cache.
+    return _sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=256)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -90,12 +90,16 @@ class HFSession(Session):
         return self.kv_layer.make_cache(self.config) if self.kv_layer else DynamicCache()
 
     def _forward(self, token_ids: list[int], cache: Any) -> Any:
-        """Next-token logprobs (float64) after each of `token_ids`, appended to `cache`."""
+        """Next-token logprobs (float32) after each of `token_ids`, appended to `cache`.
+
+        float32 is as precise as the logits themselves; callers widen the few values they keep to
+        float64 before accumulating (a full-vocabulary float64 copy cost more than the forward pass).
+        """
         import torch
 
         with torch.no_grad():
             out = self.model(input_ids=torch.tensor([token_ids]), past_key_values=cache, use_cache=cache is not None)
-        return torch.log_softmax(out.logits[0].double(), dim=-1)
+        return torch.log_softmax(out.logits[0].float(), dim=-1)
 
     def _check_length(self, n: int, what: str) -> None:
         if self.max_positions and n > self.max_positions:
@@ -137,15 +141,19 @@ class HFSession(Session):
         targets = torch.tensor(ids[1:]).unsqueeze(1)
         k = min(top_k, logprobs.shape[-1])
         top = logprobs.topk(k, dim=-1)
-        tail = (1.0 - top.values.exp().sum(dim=-1)).clamp(min=0.0)
+        top_logprobs = top.values.double()
+        tail = (1.0 - top_logprobs.exp().sum(dim=-1)).clamp(min=0.0)
+        gathered = None
+        if gather is not None:
+            gathered = logprobs.gather(1, torch.as_tensor(gather, dtype=torch.long)).double().numpy()
         return ScoreResult(
             token_ids=np.asarray(ids, dtype=np.int64),
-            logprobs=logprobs.gather(1, targets).squeeze(1).numpy(),
+            logprobs=logprobs.gather(1, targets).squeeze(1).double().numpy(),
             top_ids=top.indices.numpy(),
-            top_logprobs=top.values.numpy(),
+            top_logprobs=top_logprobs.numpy(),
             tail_mass=tail.numpy(),
             block_size=block_size,
-            gathered=None if gather is None else logprobs.gather(1, torch.as_tensor(gather, dtype=torch.long)).numpy(),
+            gathered=gathered,
         )
 
     def generate(

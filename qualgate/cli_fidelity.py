@@ -1,0 +1,209 @@
+"""Commands of the fidelity instrument: golden record / verify / noise-floor, and `fidelity`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qualgate import golden, noise_floor
+from qualgate.backends import open_session
+from qualgate.errors import ConfigError
+from qualgate.instruments.fidelity import FidelityConfig, FidelityResult, compare, score_text
+from qualgate.models import ModelSpec
+from qualgate.progress import progress
+from qualgate.stack import build_stack
+
+DEFAULT_TEXT = "evals/domain/cpython_docs_heldout.txt"
+
+
+def parse_layer(text: str) -> dict[str, Any]:
+    """`kind=weight_quant,method=rtn,bits=4` (values parsed as YAML scalars) or a JSON object."""
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--layer {text!r} is not valid JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"--layer {text!r} must be a JSON object")
+        return value
+    layer: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, raw = part.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--layer {text!r}: '{part}' is not key=value (e.g. kind=weight_quant,method=rtn,bits=4)")
+        layer[key.strip()] = yaml.safe_load(raw)
+    return layer
+
+
+def read_text(path: str) -> str:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"text file '{path}' does not exist; pass --text with a UTF-8 text file")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"text file '{path}' is not UTF-8 ({exc})") from None
+
+
+def _config_from_manifest(manifest: golden.GoldenManifest) -> FidelityConfig:
+    return FidelityConfig.model_validate(manifest.fidelity)
+
+
+def _golden_text(args: argparse.Namespace, manifest: golden.GoldenManifest) -> str:
+    source = args.text or manifest.text.get("source")
+    if not source:
+        raise ConfigError(f"{args.golden}: the manifest names no text file; pass --text")
+    return read_text(source)
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    config = FidelityConfig.model_validate(
+        {"mode": args.mode, "n_ctx": args.n_ctx, "top_k": args.top_k, "max_chunks": args.max_chunks}
+    )
+    text = read_text(args.text)
+    stack = build_stack(ModelSpec(path=args.model, dtype=args.dtype))
+    with open_session(stack) as session, progress("golden record") as on_chunk:
+        manifest = golden.record(session, text, config, Path(args.out), text_source=args.text, on_chunk=on_chunk)
+    print(
+        f"recorded {args.out}: {manifest.n_tokens} tokens in {manifest.n_chunks} chunks, "
+        f"ppl {manifest.ppl:.4f}, {manifest.bytes_per_token:.1f} bytes/token"
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    golden_dir = Path(args.golden)
+    manifest = golden.read_manifest(golden_dir)
+    model = ModelSpec(path=manifest.model["path"], dtype=manifest.model["dtype"])
+    with open_session(build_stack(model)) as session:
+        report = golden.verify(
+            golden_dir,
+            session,
+            _golden_text(args, manifest),
+            _config_from_manifest(manifest),
+            sample_chunks=args.sample_chunks,
+            tolerance=args.tolerance,
+        )
+    print(json.dumps(report, indent=2))
+    if report["drifted"]:
+        print(
+            f"qualgate: golden {golden_dir} drifted: max |dlogprob| {report['max_abs_logprob_diff']:.3g} > "
+            f"{args.tolerance:g}; re-record it",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _compare_with_golden(
+    golden_dir: Path,
+    text: str,
+    candidate: ModelSpec,
+    layers: list[dict[str, Any]],
+    config: FidelityConfig,
+    label: str,
+) -> FidelityResult:
+    manifest = golden.read_manifest(golden_dir)
+    baseline = ModelSpec(path=manifest.model["path"], dtype=manifest.model["dtype"])
+    chunks, reference = golden.load(golden_dir, baseline, text, config)
+    with open_session(build_stack(candidate, layers)) as session, progress(label) as on_chunk:
+        scores = score_text(session, chunks, config, reference=reference, on_chunk=on_chunk)
+    return compare(reference, scores)
+
+
+def cmd_noise_floor(args: argparse.Namespace) -> int:
+    golden_dir = Path(args.golden)
+    manifest = golden.read_manifest(golden_dir)
+    config = _config_from_manifest(manifest)
+    if args.block_size is None and args.dtype is None:
+        raise ConfigError("noise-floor needs another way to run the baseline: --block-size N and/or --dtype D")
+    model = ModelSpec(path=manifest.model["path"], dtype=args.dtype or manifest.model["dtype"])
+    config = config.model_copy(update={"block_size": args.block_size})
+    result = _compare_with_golden(golden_dir, _golden_text(args, manifest), model, [], config, "noise floor")
+    variant = {"block_size": args.block_size, "dtype": model.dtype}
+    path = noise_floor.save(golden_dir, variant, result.summary)
+    print_summary(result.summary, f"noise floor ({variant})")
+    print(f"recorded in {path}")
+    return 0
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    golden_dir = Path(args.golden)
+    manifest = golden.read_manifest(golden_dir)
+    config = _config_from_manifest(manifest).model_copy(update={"block_size": args.block_size})
+    model = ModelSpec(path=manifest.model["path"], dtype=manifest.model["dtype"])
+    layers = [parse_layer(text) for text in args.layer]
+    result = _compare_with_golden(golden_dir, _golden_text(args, manifest), model, layers, config, "fidelity")
+    print_summary(result.summary, build_stack(model, layers).name)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.summary, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def print_summary(summary: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("metric", "value", "95% interval", title=f"fidelity: {title}")
+    ratio, kl, top1 = summary["ppl_ratio"], summary["kl_mean"], summary["same_top1"]
+    table.add_row(
+        "PPL (reference -> candidate)", f"{summary['ppl_reference']:.4f} -> {summary['ppl_candidate']:.4f}", ""
+    )
+    table.add_row("PPL ratio", f"{ratio['value']:.5f}", f"[{ratio['low']:.5f}, {ratio['high']:.5f}]")
+    table.add_row("mean KL(P||Q)", f"{kl['value']:.4g}", f"[{kl['low']:.4g}, {kl['high']:.4g}]")
+    table.add_row(
+        "KL p99 / max", f"{summary['kl_percentiles']['p99']:.4g} / {summary['kl_percentiles']['max']:.4g}", ""
+    )
+    table.add_row("same top-1", f"{top1['value']:.2%}", f"[{top1['low']:.2%}, {top1['high']:.2%}]")
+    table.add_row("RMS dp", f"{summary['dp_rms']:.5f}", "")
+    table.add_row("NLL correlation", f"{summary['nll_correlation']:.5f}", "")
+    table.add_row(
+        "tokens / top-k / block",
+        f"{summary['n_tokens']} / {summary['top_k']} / {summary['block_size']['candidate']}",
+        "",
+    )
+    Console(width=100).print(table)
+
+
+def add_commands(commands: Any) -> None:
+    gold = commands.add_parser("golden", help="record, verify or measure the noise floor of a golden baseline")
+    sub = gold.add_subparsers(dest="golden_command", required=True)
+    rec = sub.add_parser("record", help="score the baseline on domain text and store it")
+    rec.add_argument("--out", required=True, help="golden directory to write (e.g. golden/my-model)")
+    rec.add_argument("--model", default="bundled:target")
+    rec.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    rec.add_argument("--text", default=DEFAULT_TEXT)
+    rec.add_argument("--mode", default="llamacpp", choices=["llamacpp", "rolling"])
+    rec.add_argument("--n-ctx", type=int, default=512)
+    rec.add_argument("--top-k", type=int, default=64)
+    rec.add_argument("--max-chunks", type=int, default=None)
+    rec.set_defaults(func=cmd_record)
+    ver = sub.add_parser("verify", help="re-score a sample of the golden chunks and report drift")
+    ver.add_argument("golden")
+    ver.add_argument("--text", default=None, help="the domain text (default: the path in the manifest)")
+    ver.add_argument("--sample-chunks", type=int, default=4)
+    ver.add_argument("--tolerance", type=float, default=1e-4, help="max |dlogprob| before it counts as drift")
+    ver.set_defaults(func=cmd_verify)
+    floor = sub.add_parser("noise-floor", help="the baseline against its golden, run another way")
+    floor.add_argument("golden")
+    floor.add_argument("--text", default=None)
+    floor.add_argument("--block-size", type=int, default=None)
+    floor.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    floor.set_defaults(func=cmd_noise_floor)
+    fid = commands.add_parser("fidelity", help="compare a stack with a golden baseline (PPL ratio, KL, top-1)")
+    fid.add_argument("golden")
+    fid.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        help="a layer, in order: kind=weight_quant,method=rtn,bits=4 (repeatable)",
+    )
+    fid.add_argument("--text", default=None)
+    fid.add_argument("--block-size", type=int, default=None)
+    fid.add_argument("--json", default=None, help="also write the summary to this file")
+    fid.set_defaults(func=cmd_fidelity)
