@@ -142,7 +142,20 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     print_summary(result.summary, build_stack(model, layers).name)
     if args.json:
         Path(args.json).write_text(json.dumps(result.summary, indent=2) + "\n", encoding="utf-8")
+    if args.per_token:
+        write_per_token(result, Path(args.per_token))
     return 0
+
+
+def write_per_token(result: FidelityResult, path: Path) -> None:
+    """One CSV row per scored token, for drill-down (which tokens moved, and where)."""
+    import csv
+
+    columns = list(result.per_token)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        writer.writerows(zip(*(result.per_token[c].tolist() for c in columns), strict=True))
 
 
 def print_summary(summary: dict[str, Any], title: str) -> None:
@@ -206,4 +219,5 @@ def add_commands(commands: Any) -> None:
     fid.add_argument("--text", default=None)
     fid.add_argument("--block-size", type=int, default=None)
     fid.add_argument("--json", default=None, help="also write the summary to this file")
+    fid.add_argument("--per-token", default=None, help="also write one CSV row per scored token to this file")
     fid.set_defaults(func=cmd_fidelity)

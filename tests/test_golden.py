@@ -118,9 +118,24 @@ def test_cli_record_verify_noise_floor_and_fidelity(tmp_path: Path, capsys: pyte
         check_thresholds({"kl_mean": floors["kl_mean"] / 2}, floors, "pipelines/demo.yaml: gate")
     check_thresholds({"kl_mean": 0.01, "same_top1": 0.9}, floors, "pipelines/demo.yaml: gate")
     summary_file = tmp_path / "w2.json"
+    per_token = tmp_path / "w2.csv"
     assert (
-        main(["fidelity", str(out), "--layer", "kind=weight_quant,method=rtn,bits=2", "--json", str(summary_file)]) == 0
+        main(
+            [
+                "fidelity",
+                str(out),
+                "--layer",
+                "kind=weight_quant,method=rtn,bits=2",
+                "--json",
+                str(summary_file),
+                "--per-token",
+                str(per_token),
+            ]
+        )
+        == 0
     )
+    rows = per_token.read_text().splitlines()
+    assert rows[0].startswith("chunk,target,nll_reference,nll_candidate,kl,") and len(rows) == 1 + 2 * 255
     summary = json.loads(summary_file.read_text())
     assert summary["kl_mean"]["value"] > 100 * floors["kl_mean"]
     assert "fidelity: w2g128" in capsys.readouterr().out
