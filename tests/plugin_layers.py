@@ -47,3 +47,22 @@ class LossyTop2Ngram(Ngram):
 
 class NotALayer:
     pass
+
+
+class NearTieNgram(Ngram):
+    """Accepts a draft token that is the target's second choice within a tiny margin: it can only
+    change the output at near-ties, never at a confident position."""
+
+    method: ClassVar[str] = "near_tie_only"
+    margin: ClassVar[float] = 0.05
+
+    def accept(self, draft: Sequence[int], target_logprobs: torch.Tensor) -> int:
+        top = target_logprobs.topk(2, dim=-1)
+        accepted = 0
+        for i, token in enumerate(draft):
+            best, second = top.indices[i].tolist()
+            close = float(top.values[i, 0] - top.values[i, 1]) <= self.margin
+            if not (token == best or (token == second and close)):
+                break
+            accepted += 1
+        return accepted

@@ -7,11 +7,11 @@ Both only propose tokens; the decoding loop verifies them against the target wit
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from pydantic import Field, model_validator
 
-from qualgate.layers.base import Proposer, SpeculationLayer, SpeculationParams, register_layer
+from qualgate.layers.base import LayerParams, Proposer, SpeculationLayer, SpeculationParams, register_layer
 from qualgate.models import ModelSpec, load_hf_model
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class DraftModelProposer(Proposer):
 @register_layer
 class DraftModel(SpeculationLayer[DraftModelParams]):
     method: ClassVar[str] = "draft_model"
-    Params = DraftModelParams
+    Params: ClassVar[type[LayerParams]] = DraftModelParams
 
     def default_name(self) -> str:
         return f"spec-draft{self.params.num_speculative_tokens}"
@@ -80,9 +80,7 @@ class DraftModel(SpeculationLayer[DraftModelParams]):
         return {**super().identity(), "draft_fingerprint": ModelSpec(path=self.params.draft).fingerprint()}
 
     def make_proposer(self, dtype: torch.dtype) -> Proposer:
-        spec = ModelSpec(path=self.params.draft)
-        model = load_hf_model(spec).to(dtype)
-        return DraftModelProposer(model)
+        return DraftModelProposer(load_hf_model(ModelSpec(path=self.params.draft)).to(dtype))
 
 
 class NgramParams(SpeculationParams):
@@ -125,3 +123,41 @@ class Ngram(SpeculationLayer[NgramParams]):
 
     def make_proposer(self, dtype: torch.dtype) -> Proposer:
         return NgramProposer(self.params.prompt_lookup_min, self.params.prompt_lookup_max)
+
+
+class TypicalAcceptanceParams(DraftModelParams):
+    posterior_threshold: float = Field(0.09, gt=0, le=1, description="Medusa's epsilon")
+    posterior_alpha: float = Field(0.3, gt=0, le=1, description="Medusa's delta (scales exp(-entropy))")
+
+
+@register_layer
+class TypicalAcceptanceDraft(DraftModel):
+    """Draft-model speculation with Medusa-style typical acceptance: LOSSY by design.
+
+    A draft token is accepted when the target gives it probability above
+    min(posterior_threshold, posterior_alpha * exp(-entropy)), not only when it is the target's own
+    choice. Faster, and no longer greedy-equivalent: the equivalence instrument must report real
+    divergences for it, which is why it ships (a known-bad layer proves the checker works).
+    """
+
+    method: ClassVar[str] = "draft_model_typical"
+    lossless: ClassVar[bool] = False
+    Params = TypicalAcceptanceParams
+
+    def default_name(self) -> str:
+        return f"spec-typical{self.params.num_speculative_tokens}"
+
+    def accept(self, draft: Sequence[int], target_logprobs: torch.Tensor) -> int:
+        import torch
+
+        params = cast(TypicalAcceptanceParams, self.params)
+        logprobs = target_logprobs.float()
+        probs = logprobs.exp()
+        entropy = -(probs * logprobs).sum(dim=-1)
+        limit = torch.clamp(params.posterior_alpha * torch.exp(-entropy), max=params.posterior_threshold)
+        accepted = 0
+        for i, token in enumerate(draft):
+            if float(probs[i, token]) <= float(limit[i]):
+                break
+            accepted += 1
+        return accepted

@@ -1,0 +1,220 @@
+"""Equivalence: lossless layers must reproduce the greedy tokens of the same stack without them.
+
+A divergence is classified with the reference's own distribution at the first differing position
+(METRICS.md): if the candidate chose the reference's second choice and the reference's top-2 margin
+is at most eps, it is a near-tie (numerics, reported); anything else is a real divergence (a bug).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from qualgate.errors import ConfigError
+from qualgate.layers import LayerKind
+
+if TYPE_CHECKING:
+    from qualgate.backends.base import Generation, Session
+    from qualgate.stack import Stack
+
+
+class EquivalenceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(48, ge=1)
+    eps: float = Field(0.125, ge=0, description="top-2 margin (nats) under which a divergence is a near-tie")
+    logprob_tolerance: float = Field(1e-3, ge=0, description="max |dlogprob| allowed on the shared prefix")
+    top_k: int = Field(4, ge=2, description="per-step top-k kept from both sides (>= 2 to classify)")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+
+
+def load_prompts(path: Path) -> list[Prompt]:
+    """JSONL with an `id` and a `prompt` per line."""
+    if not path.is_file():
+        raise ConfigError(f"prompt set '{path}' does not exist")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{number}: not valid JSON ({exc})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ConfigError(f"{path}:{number}: each line needs a string field 'prompt' (and an 'id')")
+        prompts.append(Prompt(str(row.get("id", f"{path.stem}-{number}")), row["prompt"]))
+    if not prompts:
+        raise ConfigError(f"prompt set '{path}' is empty")
+    return prompts
+
+
+@dataclass(frozen=True)
+class Divergence:
+    prompt_id: str
+    run: str  # "cold" or "warm" (prefix cache), "single" otherwise
+    position: int  # first differing generated position = shared-prefix length
+    reference_token: int | None  # None: the reference stopped here
+    candidate_token: int | None
+    reference_text: str
+    candidate_text: str
+    margin: float | None  # log P(top1) - log P(top2) of the reference at `position`
+    candidate_rank: int | None  # 1-based rank of the candidate's token in the reference's top-k, if present
+    kind: str  # "near_tie" or "real"
+
+
+@dataclass
+class EquivalenceResult:
+    reference: str
+    candidate: str
+    samples: int
+    exact_matches: int
+    divergences: list[Divergence]
+    max_prefix_logprob_diff: float
+    logprob_tolerance: float
+    eps: float
+    layer_stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def real_divergences(self) -> int:
+        return sum(d.kind == "real" for d in self.divergences)
+
+    @property
+    def near_ties(self) -> int:
+        return sum(d.kind == "near_tie" for d in self.divergences)
+
+    @property
+    def passed(self) -> bool:
+        return self.real_divergences == 0 and not self.problems
+
+    def summary(self) -> dict[str, Any]:
+        positions = [d.position for d in self.divergences]
+        return {
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "samples": self.samples,
+            "exact_match_rate": self.exact_matches / self.samples,
+            "real_divergences": self.real_divergences,
+            "near_ties": self.near_ties,
+            "first_divergence_positions": {
+                "min": min(positions) if positions else None,
+                "median": float(np.median(positions)) if positions else None,
+                "max": max(positions) if positions else None,
+            },
+            "max_prefix_logprob_diff": self.max_prefix_logprob_diff,
+            "logprob_tolerance": self.logprob_tolerance,
+            "eps": self.eps,
+            "layer_stats": self.layer_stats,
+            "problems": self.problems,
+            "passed": self.passed,
+            "divergences": [asdict(d) for d in self.divergences],
+        }
+
+
+def first_divergence(reference: Sequence[int], candidate: Sequence[int]) -> int | None:
+    for i, (a, b) in enumerate(zip(reference, candidate, strict=False)):
+        if a != b:
+            return i
+    return None if len(reference) == len(candidate) else min(len(reference), len(candidate))
+
+
+def classify(ref: Generation, cand: Generation, position: int, eps: float, decode: Any) -> Divergence:
+    """Build the explanation of one divergence from the reference's distribution at `position`."""
+    ref_token = ref.token_ids[position] if position < len(ref.token_ids) else None
+    cand_token = cand.token_ids[position] if position < len(cand.token_ids) else None
+    margin = rank = None
+    kind = "real"
+    if ref_token is not None and cand_token is not None:
+        ids = ref.top_ids[position].tolist()
+        lps = ref.top_logprobs[position]
+        margin = float(lps[0] - lps[1])
+        rank = ids.index(cand_token) + 1 if cand_token in ids else None
+        if rank == 2 and margin <= eps:
+            kind = "near_tie"
+    return Divergence(
+        prompt_id="",
+        run="",
+        position=position,
+        reference_token=ref_token,
+        candidate_token=cand_token,
+        reference_text=decode([ref_token]) if ref_token is not None else "<end>",
+        candidate_text=decode([cand_token]) if cand_token is not None else "<end>",
+        margin=margin,
+        candidate_rank=rank,
+        kind=kind,
+    )
+
+
+GENERATION_KINDS: tuple[LayerKind, ...] = ("speculation", "prefix_cache")
+
+
+def reference_stack(stack: Stack) -> Stack:
+    """The same stack without its generation-time layers (speculation, prefix caching).
+
+    These kinds do not change the teacher-forced distribution, so fidelity cannot see them; the
+    reference of their equivalence check keeps every other layer (the quantizers), so that their
+    effect is not blamed on speculation. A lossy method of these kinds (typical acceptance) is
+    checked the same way and is expected to fail."""
+    reference = stack
+    for kind in GENERATION_KINDS:
+        reference = reference.without(kind)
+    if reference is stack or not any(layer.kind in GENERATION_KINDS for layer in stack.layers):
+        raise ConfigError(f"stack '{stack.name}' has no speculation or prefix_cache layer to check for equivalence")
+    return reference
+
+
+def run_equivalence(
+    candidate: Session, reference: Session, prompts: list[Prompt], config: EquivalenceConfig
+) -> EquivalenceResult:
+    """Greedy generation on both sides; with a prefix cache every prompt runs cold, then warm."""
+    texts = [p.text for p in prompts]
+    ref_gens = reference.generate(texts, max_new_tokens=config.max_new_tokens, top_k=config.top_k)
+    runs = ["cold", "warm"] if candidate.stack.layer("prefix_cache") is not None else ["single"]
+    divergences: list[Divergence] = []
+    exact = samples = 0
+    max_diff = 0.0
+    for run in runs:
+        cand_gens = candidate.generate(texts, max_new_tokens=config.max_new_tokens, top_k=config.top_k)
+        for prompt, ref, cand in zip(prompts, ref_gens, cand_gens, strict=True):
+            samples += 1
+            position = first_divergence(ref.token_ids, cand.token_ids)
+            shared = len(ref.token_ids) if position is None else position
+            if shared:
+                # Teacher-forced check on the shared prefix: the chosen tokens' logprobs of both sides.
+                diff = np.abs(ref.top_logprobs[:shared, 0] - cand.top_logprobs[:shared, 0])
+                max_diff = max(max_diff, float(diff.max()))
+            if position is None:
+                exact += 1
+                continue
+            found = classify(ref, cand, position, config.eps, reference.decode)
+            divergences.append(Divergence(**{**asdict(found), "prompt_id": prompt.id, "run": run}))
+    stats = candidate.layer_stats()
+    problems = []
+    if max_diff > config.logprob_tolerance:
+        problems.append(f"shared-prefix logprobs differ by {max_diff:.3g} > {config.logprob_tolerance:g}")
+    prefix = stats.get("prefix_cache")
+    if prefix is not None and prefix.get("hits", 0) == 0:
+        problems.append("the prefix cache never hit: prefix caching was not exercised by this prompt set")
+    return EquivalenceResult(
+        reference=reference.stack.name,
+        candidate=candidate.stack.name,
+        samples=samples,
+        exact_matches=exact,
+        divergences=divergences,
+        max_prefix_logprob_diff=max_diff,
+        logprob_tolerance=config.logprob_tolerance,
+        eps=config.eps,
+        layer_stats=stats,
+        problems=problems,
+    )

@@ -1,0 +1,185 @@
+"""The equivalence instrument: lossless layers pass, lossy ones fail, and each divergence is explained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from qualgate import ConfigError, Generation, build_stack, open_session
+from qualgate.cli import main
+from qualgate.instruments.equivalence import (
+    EquivalenceConfig,
+    EquivalenceResult,
+    Prompt,
+    classify,
+    first_divergence,
+    load_prompts,
+    reference_stack,
+    run_equivalence,
+)
+
+EVALS = Path(__file__).resolve().parent.parent / "evals" / "prompts"
+CONFIG = EquivalenceConfig(max_new_tokens=24)
+TARGET = {"path": "bundled:target"}
+
+
+def _prompts(name: str, n: int | None = None) -> list[Prompt]:
+    return load_prompts(EVALS / f"{name}.jsonl")[:n]
+
+
+def _run(layers: list[dict[str, Any]], prompts: list[Prompt], config: EquivalenceConfig = CONFIG) -> EquivalenceResult:
+    stack = build_stack(TARGET, layers)
+    with open_session(stack) as candidate, open_session(reference_stack(stack)) as reference:
+        return run_equivalence(candidate, reference, prompts, config)
+
+
+def test_first_divergence() -> None:
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert first_divergence([1, 2], [1, 2, 3]) == 2, "one side stopped early"
+
+
+def _gen(tokens: list[int], top_ids: list[list[int]], top_lps: list[list[float]]) -> Generation:
+    return Generation([0], tokens, "", np.array(top_ids), np.array(top_lps), "length")
+
+
+def test_classify_near_tie_and_real_by_hand() -> None:
+    ref = _gen([5, 6], [[5, 7], [6, 8]], [[-0.60, -0.70], [-0.1, -3.0]])
+    near = classify(ref, _gen([5, 7], [[5, 7], [7, 6]], [[-0.6, -0.7], [-0.5, -0.6]]), 0, 0.125, str)
+    assert near.kind == "real", "position 0 agrees; classify is told where they differ"
+    near = classify(ref, _gen([7, 6], [[7, 5]], [[-0.6, -0.6]]), 0, 0.125, str)
+    assert near.kind == "near_tie" and near.margin == pytest.approx(0.1) and near.candidate_rank == 2
+    real = classify(ref, _gen([5, 8], [[5, 7]], [[-0.6, -0.7]]), 1, 0.125, str)
+    assert real.kind == "real" and real.margin == pytest.approx(2.9) and real.candidate_rank == 2
+    beyond_eps = classify(ref, _gen([7], [[7]], [[-0.6]]), 0, 0.05, str)
+    assert beyond_eps.kind == "real", "second choice but the margin 0.1 exceeds eps 0.05"
+
+
+def test_prompt_sets_have_prefixes_off_block_boundaries() -> None:
+    from transformers import AutoTokenizer
+
+    from qualgate.fixtures import bundled_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path("target"))
+    rows = [json.loads(line) for line in (EVALS / "shared_prefix.jsonl").read_text().splitlines()]
+    lengths = {len(tokenizer(r["prompt"][: r["prefix_chars"]])["input_ids"]) for r in rows}
+    assert len(lengths) >= 2 and all(n % 16 and n % 32 for n in lengths), lengths
+    assert all(len(load_prompts(EVALS / f"{name}.jsonl")) >= 6 for name in ("general", "shared_prefix", "repetitive"))
+
+
+def test_load_prompts_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt": "x"}\n{"id": "b"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: each line needs a string field 'prompt'"):
+        load_prompts(bad)
+    bad.write_text("not json\n")
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: not valid JSON"):
+        load_prompts(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_prompts(tmp_path / "missing.jsonl")
+
+
+def test_reference_keeps_the_quantizers() -> None:
+    stack = build_stack(
+        TARGET,
+        [
+            {"kind": "weight_quant", "method": "rtn"},
+            {"kind": "speculation", "method": "ngram"},
+            {"kind": "prefix_cache", "method": "block"},
+        ],
+    )
+    assert reference_stack(stack).name == "w4g128"
+    with pytest.raises(ConfigError, match="no speculation or prefix_cache layer"):
+        reference_stack(build_stack(TARGET, [{"kind": "weight_quant", "method": "rtn"}]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("layer", "prompt_set"),
+    [
+        ({"kind": "speculation", "method": "ngram"}, "repetitive"),
+        ({"kind": "speculation", "method": "draft_model"}, "general"),
+    ],
+    ids=["ngram", "draft"],
+)
+def test_speculation_passes_with_zero_real_divergences(layer: dict[str, Any], prompt_set: str) -> None:
+    result = _run([layer], _prompts(prompt_set, 6))
+    assert result.passed and result.real_divergences == 0 and result.exact_matches == result.samples
+    spec = result.layer_stats["speculation"]
+    assert 0 < spec["acceptance_rate"] < 1 and spec["mean_acceptance_length"] > 1
+    assert result.max_prefix_logprob_diff < result.logprob_tolerance
+
+
+@pytest.mark.slow
+def test_self_draft_acceptance_is_near_one() -> None:
+    result = _run([{"kind": "speculation", "method": "draft_model", "draft": "bundled:target"}], _prompts("general", 4))
+    assert result.passed and result.layer_stats["speculation"]["acceptance_rate"] > 0.99
+
+
+@pytest.mark.slow
+def test_prefix_cache_runs_cold_and_warm_and_must_hit() -> None:
+    result = _run([{"kind": "prefix_cache", "method": "block"}], _prompts("shared_prefix"))
+    runs = {d.run for d in result.divergences}
+    assert result.passed and not runs and result.samples == 2 * 10
+    prefix = result.layer_stats["prefix_cache"]
+    assert prefix["hits"] >= 10 + 8, "every warm run and every prompt after the first of its family hit"
+    short = _run([{"kind": "prefix_cache", "method": "block", "block_size": 64}], _prompts("general", 3))
+    assert not short.passed and "never hit" in short.problems[0]
+
+
+@pytest.mark.slow
+def test_typical_acceptance_is_caught_and_explained() -> None:
+    result = _run([{"kind": "speculation", "method": "draft_model_typical"}], _prompts("general", 6))
+    assert not result.passed and result.real_divergences >= 3
+    real = next(d for d in result.divergences if d.kind == "real")
+    assert real.prompt_id.startswith("general-") and real.position >= 0
+    assert real.reference_token != real.candidate_token and real.reference_text and real.candidate_text
+    assert real.margin is not None and (real.candidate_rank != 2 or real.margin > result.eps)
+    assert result.layer_stats["speculation"]["acceptance_rate"] > 0.5
+
+
+@pytest.mark.slow
+def test_a_layer_that_only_moves_near_ties_produces_near_ties_at_most() -> None:
+    prompts = _prompts("general") + _prompts("shared_prefix")
+    result = _run(
+        [{"kind": "speculation", "method": "plugin_layers:NearTieNgram"}], prompts, EquivalenceConfig(max_new_tokens=32)
+    )
+    assert result.real_divergences == 0 and result.passed
+    assert all(d.kind == "near_tie" and d.margin is not None and d.margin <= 0.05 for d in result.divergences)
+
+
+@pytest.mark.slow
+def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = str(EVALS / "repetitive.jsonl")
+    assert (
+        main(
+            ["equivalence", "--layer", "kind=speculation,method=ngram", "--prompts", prompts, "--max-new-tokens", "12"]
+        )
+        == 0
+    )
+    out = tmp_path / "typical.json"
+    assert (
+        main(
+            [
+                "equivalence",
+                "--layer",
+                "kind=speculation,method=draft_model_typical",
+                "--prompts",
+                prompts,
+                "--max-new-tokens",
+                "12",
+                "--json",
+                str(out),
+            ]
+        )
+        == 1
+    )
+    summary = json.loads(out.read_text())
+    assert summary["real_divergences"] > 0 and summary["divergences"][0]["prompt_id"].startswith("repetitive-")
+    assert "equivalence FAIL" in capsys.readouterr().out
+    assert main(["equivalence", "--layer", "kind=weight_quant,method=rtn"]) == 2
+    assert "no speculation or prefix_cache layer" in capsys.readouterr().err
