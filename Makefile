@@ -10,8 +10,14 @@ install:
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e '.[hf,lmeval,dev]'
 
+# Until `qualgate run` lands (pipeline issue): what is installed, one lossy stack against the committed
+# golden baseline, and one lossless layer checked for greedy equivalence.
 demo: install
 	$(PYTHON) -m qualgate info
+	$(PYTHON) -m qualgate fidelity golden/bundled-target --layer kind=weight_quant,method=rtn,bits=4 \
+		--layer kind=kv_quant,method=fp8
+	$(PYTHON) -m qualgate equivalence --layer kind=speculation,method=draft_model \
+		--prompts evals/prompts/general.jsonl --max-new-tokens 32
 
 test:
 	$(PYTHON) -m pytest -q

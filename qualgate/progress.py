@@ -28,7 +28,7 @@ def progress(label: str) -> Iterator[Callable[[int, int], None]]:
     last = [-1]
 
     def log(done: int, total: int) -> None:
-        step = max(1, total // 10)
+        step = max(1, -(-total // 10))  # ceil: at most ~10 lines per task
         if done == total or done // step != last[0]:
             last[0] = done // step
             print(f"{label}: {done}/{total}", file=sys.stderr, flush=True)
