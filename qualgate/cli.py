@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="list bundled models, backends and layers")
     info.add_argument("--no-color", action="store_true")
     info.set_defaults(func=_info)
-    from qualgate import cli_equivalence, cli_fidelity
+    from qualgate import cli_equivalence, cli_fidelity, cli_run
 
+    cli_run.add_commands(commands)
     cli_fidelity.add_commands(commands)
     cli_equivalence.add_commands(commands)
     return parser

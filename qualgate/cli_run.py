@@ -1,0 +1,80 @@
+"""The main job: `qualgate run`, `qualgate validate`, `qualgate report`."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+from qualgate import report as publish
+from qualgate.config import load_pipeline
+from qualgate.errors import ConfigError
+from qualgate.pipeline import Runner
+from qualgate.progress import progress
+
+DEFAULT_PIPELINE = "pipelines/demo.yaml"
+EXIT = {"pass": 0, "warn": 0, "fail": 1}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    path = Path(args.pipeline)
+    pipeline = load_pipeline(path)
+    out = Path(args.out or f"runs/{pipeline.name}")
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    if args.resume and not (out / "records").is_dir():
+        raise ConfigError(f"--resume: {out} holds no earlier run; drop --resume to start one")
+
+    def bar(label: str) -> Any:
+        context = progress(label)
+        callback = context.__enter__()
+
+        def update(done: int, total: int) -> None:
+            callback(done, total)
+            if done == total:
+                context.__exit__(None, None, None)
+
+        return update
+
+    runner = Runner(pipeline, str(path), out, on_progress=bar)
+    result = runner.run()
+    publish.write(result, out)
+    publish.print_report(result)
+    print(
+        f"{len(runner.planned)} stacks; {runner.computed} units measured, {runner.reused} reused; "
+        f"report: {out / 'report.json'}"
+    )
+    return EXIT[result["verdict"]]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    pipeline = load_pipeline(Path(args.pipeline))
+    from qualgate.plan import plan
+
+    stacks = plan(pipeline, pipeline.built_layers(args.pipeline))
+    print(f"{args.pipeline}: valid; {len(stacks)} stacks: " + ", ".join(p.stack.name for p in stacks))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    result = publish.read(Path(args.run_dir))
+    publish.print_report(result)
+    return EXIT[result["verdict"]]
+
+
+def add_commands(commands: Any) -> None:
+    run = commands.add_parser("run", help="evaluate a pipeline and gate it (default: pipelines/demo.yaml)")
+    run.add_argument("pipeline", nargs="?", default=DEFAULT_PIPELINE)
+    run.add_argument("--out", default=None, help="run directory (default: runs/<pipeline name>)")
+    run.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run (rerunning the same command does too)"
+    )
+    run.add_argument("--fresh", action="store_true", help="discard earlier records in the run directory")
+    run.set_defaults(func=cmd_run)
+    val = commands.add_parser("validate", help="check a pipeline file and list the stacks it plans")
+    val.add_argument("pipeline")
+    val.set_defaults(func=cmd_validate)
+    rep = commands.add_parser("report", help="print the report of a finished run and exit with its verdict")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)

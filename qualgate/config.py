@@ -1,0 +1,150 @@
+"""The pipeline file: what to evaluate, how, and what passes. Parameters only; logic stays in Python.
+
+Every key is checked (unknown keys are errors), and every error names the file, the YAML path and
+the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from qualgate.errors import ConfigError
+from qualgate.instruments.equivalence import EquivalenceConfig
+from qualgate.instruments.fidelity import FidelityConfig
+from qualgate.layers import Layer, build_layer
+from qualgate.models import ModelSpec
+from qualgate.registry import did_you_mean
+from qualgate.validation import describe
+
+PIPELINE_VERSION = 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendConfig(Strict):
+    name: str = "hf"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class StackConfig(Strict):
+    name: str | None = None
+    layers: list[str]
+
+
+class FidelityInstrument(Strict):
+    golden: str = Field(description="golden directory (qualgate golden record)")
+    text: str | None = Field(None, description="domain text; default: the path in the golden manifest")
+    block_size: int | None = Field(None, ge=1)
+    kv_block_size: int = Field(32, ge=1)
+
+
+class EquivalenceInstrument(Strict):
+    prompts: list[str] = Field(min_length=1)
+    max_new_tokens: int = Field(24, ge=1)
+    eps: float = Field(0.125, ge=0)
+    logprob_tolerance: float = Field(1e-3, ge=0)
+
+    def config(self) -> EquivalenceConfig:
+        return EquivalenceConfig.model_validate(
+            {"max_new_tokens": self.max_new_tokens, "eps": self.eps, "logprob_tolerance": self.logprob_tolerance}
+        )
+
+
+class Instruments(Strict):
+    fidelity: FidelityInstrument | None = None
+    equivalence: EquivalenceInstrument | None = None
+
+
+class Threshold(Strict):
+    warn: float | None = None
+    fail: float | None = None
+
+
+def default_gate() -> dict[str, Threshold]:
+    """METRICS.md's starting tiers (tune per model family)."""
+    return {
+        "kl_mean": Threshold(warn=0.01, fail=0.05),
+        "same_top1": Threshold(warn=0.95, fail=0.90),
+        "ppl_ratio": Threshold(warn=1.15, fail=1.30),
+        "real_divergences": Threshold(fail=0),
+    }
+
+
+class Pipeline(Strict):
+    version: Literal[1]
+    name: str
+    model: ModelSpec = ModelSpec()
+    backend: BackendConfig = BackendConfig()
+    layers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    stacks: Literal["auto"] | list[StackConfig] = "auto"
+    instruments: Instruments = Instruments()
+    gate: dict[str, Threshold] = Field(default_factory=default_gate)
+
+    def built_layers(self, where: str) -> dict[str, Layer[Any]]:
+        return {name: build_layer(spec, where=f"{where}: layers.{name}") for name, spec in self.layers.items()}
+
+    def fidelity_config(self, golden_fidelity: dict[str, Any]) -> FidelityConfig:
+        inst = self.instruments.fidelity
+        assert inst is not None
+        return FidelityConfig.model_validate(
+            {**golden_fidelity, "block_size": inst.block_size, "kv_block_size": inst.kv_block_size}
+        )
+
+
+GATE_METRICS = ("kl_mean", "same_top1", "ppl_ratio", "real_divergences")
+
+
+def load_pipeline(path: Path) -> Pipeline:
+    where = str(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file '{path}' does not exist; try pipelines/demo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping with version, name, model, layers, ...")
+    if data.get("version") != PIPELINE_VERSION:
+        raise ConfigError(f"{where}: field 'version' must be {PIPELINE_VERSION} (got {data.get('version')!r})")
+    try:
+        pipeline = Pipeline.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, where, sorted(Pipeline.model_fields))) from None
+    for metric in pipeline.gate:
+        if metric not in GATE_METRICS:
+            raise ConfigError(
+                f"{where}: gate.{metric} is not a gated metric; {did_you_mean(metric, list(GATE_METRICS))}"
+            )
+    pipeline.built_layers(where)  # every layer is checked now, not halfway through a run
+    if pipeline.stacks != "auto":
+        for i, stack in enumerate(pipeline.stacks):
+            for name in stack.layers:
+                if name not in pipeline.layers:
+                    raise ConfigError(
+                        f"{where}: stacks[{i}].layers names '{name}', which is not in layers; "
+                        f"{did_you_mean(name, list(pipeline.layers))}"
+                    )
+    for inst_path in _paths(pipeline):
+        if not Path(inst_path).exists():
+            raise ConfigError(
+                f"{where}: file '{inst_path}' does not exist (paths are relative to the working "
+                "directory: run qualgate from the repository root)"
+            )
+    return pipeline
+
+
+def _paths(pipeline: Pipeline) -> list[str]:
+    paths: list[str] = []
+    if pipeline.instruments.fidelity is not None:
+        paths.append(pipeline.instruments.fidelity.golden)
+        if pipeline.instruments.fidelity.text:
+            paths.append(pipeline.instruments.fidelity.text)
+    if pipeline.instruments.equivalence is not None:
+        paths.extend(pipeline.instruments.equivalence.prompts)
+    return paths

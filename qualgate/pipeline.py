@@ -1,0 +1,311 @@
+"""Run a pipeline: plan the stacks, measure each with its instruments (reusing finished work), compare,
+gate, and return the report. Publishing (files, terminal) lives in report.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qualgate import __version__, golden, noise_floor
+from qualgate.backends import open_session
+from qualgate.config import Pipeline
+from qualgate.gate import Finding, judge, worst_status
+from qualgate.instruments.equivalence import GENERATION_KINDS, load_prompts, reference_stack, run_equivalence
+from qualgate.instruments.fidelity import compare, score_text
+from qualgate.plan import PlannedStack, plan
+from qualgate.stack import Stack
+from qualgate.store import RunStore, file_sha256, identity_key
+
+REPORT_VERSION = 1
+Progress = Callable[[str, int, int], None]
+
+
+def _fidelity_stack(stack: Stack) -> Stack:
+    """Generation-time layers do not change the distribution: fidelity is shared with the stack without them."""
+    for kind in GENERATION_KINDS:
+        stack = stack.without(kind)
+    return stack
+
+
+def _git() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(
+            subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True).stdout.strip()
+        )
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+class Runner:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        where: str,
+        out_dir: Path,
+        on_progress: Callable[[str], Callable[[int, int], None]] | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.where = where
+        self.out = out_dir
+        self.store = RunStore(out_dir)
+        self.samples = out_dir / "samples"
+        self.samples.mkdir(parents=True, exist_ok=True)
+        self.on_progress = on_progress
+        self.reused = 0
+        self.computed = 0
+        self.layers = pipeline.built_layers(where)
+        self.planned = plan(pipeline, self.layers)
+        self._golden: tuple[Any, ...] | None = None
+
+    # -- fidelity ---------------------------------------------------------------------------------
+    def _golden_data(self) -> tuple[Any, ...]:
+        if self._golden is None:
+            inst = self.pipeline.instruments.fidelity
+            assert inst is not None
+            golden_dir = Path(inst.golden)
+            manifest = golden.read_manifest(golden_dir)
+            config = self.pipeline.fidelity_config(manifest.fidelity)
+            text_path = inst.text or manifest.text.get("source") or ""
+            text = Path(text_path).read_text(encoding="utf-8")
+            baseline = self.pipeline.model
+            chunks, reference = golden.load(golden_dir, baseline, text, config)
+            floors = noise_floor.floor_values(golden_dir)
+            thresholds = {m: v for m, t in self.pipeline.gate.items() for v in (t.warn, t.fail) if v is not None}
+            for metric, threshold in thresholds.items():
+                noise_floor.check_thresholds({metric: threshold}, floors, f"{self.where}: gate")
+            self._golden = (golden_dir, manifest, config, chunks, reference, file_sha256(golden_dir / golden.SCORES))
+        return self._golden
+
+    def fidelity(self, stack: Stack) -> dict[str, Any]:
+        golden_dir, _manifest, config, chunks, reference, scores_sha = self._golden_data()
+        measured = _fidelity_stack(stack)
+        key = identity_key(
+            {
+                "instrument": "fidelity",
+                "stack": measured.identity(),
+                "config": config.model_dump(),
+                "golden": scores_sha,
+                "backend": self.pipeline.backend.model_dump(),
+            }
+        )
+        record = self.store.get(key)
+        if record is not None:
+            self.reused += 1
+            return record
+        with open_session(measured, self.pipeline.backend.name, **self.pipeline.backend.options) as session:
+            progress = self.on_progress(f"fidelity {measured.name}") if self.on_progress else None
+            scores = score_text(session, chunks, config, reference=reference, on_chunk=progress)
+        result = compare(reference, scores)
+        save: Any = np.savez_compressed  # numpy's stub reads **arrays as its allow_pickle flag
+        save(self.samples / f"fidelity.{key}.npz", **result.per_token)
+        record = {
+            "stack": measured.name,
+            "golden": str(golden_dir),
+            "summary": result.summary,
+            "per_token": f"samples/fidelity.{key}.npz",
+        }
+        self.store.put(key, record)
+        self.computed += 1
+        return record
+
+    # -- equivalence ------------------------------------------------------------------------------
+    def equivalence(self, stack: Stack) -> dict[str, Any] | None:
+        inst = self.pipeline.instruments.equivalence
+        if inst is None or not any(layer.kind in GENERATION_KINDS for layer in stack.layers):
+            return None
+        reference = reference_stack(stack)
+        prompt_files = {p: file_sha256(Path(p)) for p in inst.prompts}
+        config = inst.config()
+        key = identity_key(
+            {
+                "instrument": "equivalence",
+                "stack": stack.identity(),
+                "reference": reference.identity(),
+                "config": config.model_dump(),
+                "prompts": prompt_files,
+                "backend": self.pipeline.backend.model_dump(),
+            }
+        )
+        record = self.store.get(key)
+        if record is not None:
+            self.reused += 1
+            return record
+        prompts = [p for path in inst.prompts for p in load_prompts(Path(path))]
+        options = self.pipeline.backend.options
+        with (
+            open_session(stack, self.pipeline.backend.name, **options) as candidate,
+            open_session(reference, self.pipeline.backend.name, **options) as ref,
+        ):
+            result = run_equivalence(candidate, ref, prompts, config)
+        record = {"stack": stack.name, "summary": result.summary()}
+        self.store.put(key, record)
+        self.computed += 1
+        return record
+
+    # -- gate ---------------------------------------------------------------------------------------
+    def findings(self, fidelity: dict[str, Any] | None, equivalence: dict[str, Any] | None) -> list[Finding]:
+        gate = self.pipeline.gate
+        found: list[Finding] = []
+        if fidelity is not None:
+            s = fidelity["summary"]
+            for metric in ("kl_mean", "ppl_ratio", "same_top1"):
+                est = s[metric]
+                finding = Finding("fidelity", metric, est["value"], est["low"], est["high"])
+                t = gate.get(metric)
+                found.append(judge(finding, t.warn if t else None, t.fail if t else None))
+        if equivalence is not None:
+            s = equivalence["summary"]
+            t = gate.get("real_divergences")
+            finding = Finding("equivalence", "real_divergences", float(s["real_divergences"]), None, None)
+            found.append(judge(finding, t.warn if t else None, t.fail if t else None))
+            if s["problems"]:
+                found.append(
+                    Finding(
+                        "equivalence",
+                        "checks",
+                        float(len(s["problems"])),
+                        None,
+                        None,
+                        None,
+                        0,
+                        "fail",
+                        "; ".join(s["problems"]),
+                    )
+                )
+        return found
+
+    # -- run ----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        stacks: list[dict[str, Any]] = []
+        for planned in self.planned:
+            fid = self.fidelity(planned.stack) if self.pipeline.instruments.fidelity else None
+            eq = self.equivalence(planned.stack)
+            findings = self.findings(fid, eq)
+            verdict = worst_status([f.status for f in findings])
+            stacks.append(
+                {
+                    "name": planned.stack.name,
+                    "layers": [{"name": n, **self.pipeline.layers[n]} for n in planned.layer_names],
+                    "role": planned.role,
+                    "step": planned.step,
+                    "lossless": planned.stack.lossless,
+                    "instruments": {
+                        k: v
+                        for k, v in (("fidelity", fid and _fidelity_view(fid)), ("equivalence", eq and eq["summary"]))
+                        if v
+                    },
+                    "findings": [f.as_dict() for f in findings],
+                    "verdict": verdict,
+                    "reasons": [f"{f.instrument}.{f.reason}" for f in findings if f.status != "pass"],
+                }
+            )
+        verdict = worst_status([s["verdict"] for s in stacks])
+        return {
+            "report_version": REPORT_VERSION,
+            "pipeline": self.pipeline.name,
+            "verdict": verdict,
+            "provenance": {
+                "qualgate": __version__,
+                "git": _git(),
+                "model": self.pipeline.model.model_dump(),
+                "model_files": self.pipeline.model.fingerprint(),
+                "golden": self._golden[1].model_dump() if self._golden else None,
+                "backend": self.pipeline.backend.name,
+            },
+            "stacks": stacks,
+            "compound": compound_table(self.planned, stacks),
+        }
+
+
+def _fidelity_view(record: dict[str, Any]) -> dict[str, Any]:
+    s = record["summary"]
+    keep = (
+        "n_tokens",
+        "top_k",
+        "block_size",
+        "reference_tail_mass",
+        "ppl_reference",
+        "ppl_candidate",
+        "ln_ppl_ratio",
+        "ppl_ratio",
+        "kl_mean",
+        "kl_percentiles",
+        "same_top1",
+        "dp_rms",
+        "nll_correlation",
+        "kl_by_confidence",
+    )
+    return {**{k: s[k] for k in keep}, "per_token": record["per_token"]}
+
+
+COMPOUND_METRICS: dict[str, Callable[[dict[str, Any]], float]] = {
+    "kl_mean": lambda f: f["kl_mean"]["value"],
+    "ln_ppl_ratio": lambda f: f["ln_ppl_ratio"]["value"],
+    "top1_loss": lambda f: 1.0 - f["same_top1"]["value"],
+}
+
+
+def compound_table(planned: list[PlannedStack], stacks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Degradation of every ladder step against the baseline and the previous step, of each layer alone,
+    and the interaction term: a stack's degradation minus the sum of its layers' single degradations."""
+    by_layers = {p.layer_names: s for p, s in zip(planned, stacks, strict=True)}
+
+    def metric(layer_names: tuple[str, ...], name: str) -> float | None:
+        stack = by_layers.get(layer_names)
+        if stack is None or "fidelity" not in stack["instruments"]:
+            return None
+        return COMPOUND_METRICS[name](stack["instruments"]["fidelity"])
+
+    baseline = {name: metric((), name) for name in COMPOUND_METRICS}
+    rows = []
+    previous: dict[str, float | None] = baseline
+    for p in planned:
+        if p.role != "ladder":
+            continue
+        row: dict[str, Any] = {"stack": by_layers[p.layer_names]["name"], "step": p.step, "layers": list(p.layer_names)}
+        values = {}
+        for name in COMPOUND_METRICS:
+            value = metric(p.layer_names, name)
+            base = baseline[name]
+            vs_base = None if value is None or base is None else value - base
+            prev = previous.get(name)
+            singles = [metric((layer,), name) for layer in p.layer_names]
+            single_sum = (
+                None
+                if any(v is None for v in singles) or base is None
+                else sum(v - base for v in singles if v is not None)
+            )
+            row[name] = {
+                "value": value,
+                "vs_baseline": vs_base,
+                "vs_previous": None if value is None or prev is None else value - prev,
+                "sum_of_singles": single_sum,
+                "interaction": None if vs_base is None or single_sum is None else vs_base - single_sum,
+            }
+            values[name] = value
+        rows.append(row)
+        previous = values
+    singles_rows = [
+        {
+            "stack": by_layers[p.layer_names]["name"],
+            "layer": p.layer_names[0],
+            **{name: metric(p.layer_names, name) for name in COMPOUND_METRICS},
+        }
+        for p in planned
+        if len(p.layer_names) == 1
+    ]
+    return {
+        "metrics": list(COMPOUND_METRICS),
+        "baseline": baseline,
+        "ladder": rows,
+        "singles": singles_rows,
+        "note": "vs_baseline and interaction use the metric minus its baseline value; ln_ppl_ratio adds "
+        "across layers, KL and top-1 loss approximately",
+    }

@@ -1,0 +1,137 @@
+"""Publish a report: report.json, summary.md (and $GITHUB_STEP_SUMMARY), junit.xml, a terminal table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+from qualgate.errors import ConfigError
+
+ICON = {"pass": "PASS", "warn": "WARN", "fail": "FAIL"}
+GITHUB_SUMMARY_LIMIT = 1 << 20  # GitHub drops step summaries over 1 MiB
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _metric_cell(finding: dict[str, Any]) -> str:
+    interval = "" if finding["low"] is None else f" [{_fmt(finding['low'])}, {_fmt(finding['high'])}]"
+    return f"{_fmt(finding['value'])}{interval}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"## qualgate: {report['pipeline']} — {ICON[report['verdict']]}", ""]
+    lines += [
+        "| stack | verdict | KL mean [95%] | same top-1 [95%] | PPL ratio [95%] | real divergences | reasons |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for stack in report["stacks"]:
+        cells = {f["metric"]: _metric_cell(f) for f in stack["findings"]}
+        lines.append(
+            f"| `{stack['name']}` | {ICON[stack['verdict']]} | {cells.get('kl_mean', '-')} | "
+            f"{cells.get('same_top1', '-')} | {cells.get('ppl_ratio', '-')} | "
+            f"{cells.get('real_divergences', '-')} | {'; '.join(stack['reasons']) or '-'} |"
+        )
+    compound = report["compound"]
+    if compound["ladder"]:
+        lines += [
+            "",
+            "### Compound degradation (ladder)",
+            "",
+            "| step | stack | KL vs base | KL vs previous | KL interaction | ln PPL ratio vs base | "
+            "top-1 loss vs base |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in compound["ladder"]:
+            lines.append(
+                f"| {row['step']} | `{row['stack']}` | {_fmt(row['kl_mean']['vs_baseline'])} | "
+                f"{_fmt(row['kl_mean']['vs_previous'])} | {_fmt(row['kl_mean']['interaction'])} | "
+                f"{_fmt(row['ln_ppl_ratio']['vs_baseline'])} | {_fmt(row['top1_loss']['vs_baseline'])} |"
+            )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def junit(report: dict[str, Any]) -> str:
+    cases = [(stack, f) for stack in report["stacks"] for f in stack["findings"]]
+    suite = ET.Element(
+        "testsuite",
+        name=f"qualgate.{report['pipeline']}",
+        tests=str(len(cases)),
+        failures=str(sum(f["status"] == "fail" for _, f in cases)),
+        errors="0",
+        skipped="0",
+    )
+    for stack, finding in cases:
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            classname=f"qualgate.{report['pipeline']}.{stack['name']}",
+            name=f"{finding['instrument']}.{finding['metric']}",
+        )
+        if finding["status"] == "fail":
+            ET.SubElement(case, "failure", message=finding["reason"]).text = json.dumps(finding)
+        elif finding["status"] == "warn":
+            ET.SubElement(case, "system-out").text = f"WARN: {finding['reason']}"
+    root = ET.Element("testsuites")
+    root.append(suite)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True)
+
+
+def write(report: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    summary = markdown(report)
+    (out_dir / "summary.md").write_text(summary, encoding="utf-8")
+    (out_dir / "junit.xml").write_text(junit(report) + "\n", encoding="utf-8")
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if step_summary:
+        with open(step_summary, "a", encoding="utf-8") as fh:
+            fh.write(summary[:GITHUB_SUMMARY_LIMIT])
+
+
+def read(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "report.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; run qualgate run --out {run_dir} first")
+    return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        "stack",
+        "role",
+        "verdict",
+        "KL mean [95%]",
+        "same top-1 [95%]",
+        "PPL ratio [95%]",
+        "real div.",
+        title=f"qualgate {report['pipeline']}: {ICON[report['verdict']]}",
+    )
+    for stack in report["stacks"]:
+        cells = {f["metric"]: _metric_cell(f) for f in stack["findings"]}
+        table.add_row(
+            stack["name"],
+            stack["role"],
+            ICON[stack["verdict"]],
+            cells.get("kl_mean", "-"),
+            cells.get("same_top1", "-"),
+            cells.get("ppl_ratio", "-"),
+            cells.get("real_divergences", "-"),
+        )
+    console = Console(width=160)
+    console.print(table)
+    for stack in report["stacks"]:
+        for reason in stack["reasons"]:
+            console.print(f"{ICON[stack['verdict']]} {stack['name']}: {reason}")

@@ -1,0 +1,62 @@
+"""The local run store: every finished unit of work is a JSON record keyed by the full identity of
+what produced it (model files, stack, instrument configuration, data). A rerun, or `--resume` after a
+crash, reuses every record whose identity matches; nothing is keyed by a name alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from qualgate import __version__
+from qualgate.errors import InfrastructureError
+
+
+def identity_key(identity: dict[str, Any]) -> str:
+    blob = json.dumps({"qualgate": __version__, **identity}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if file.is_file():
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+class RunStore:
+    def __init__(self, out_dir: Path) -> None:
+        self.records = out_dir / "records"
+        try:
+            self.records.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InfrastructureError(f"cannot create run directory {self.records}: {exc}") from None
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        path = self.records / f"{key}.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+        except json.JSONDecodeError:
+            return None  # a torn write from a killed run: redo that unit
+
+    def put(self, key: str, record: dict[str, Any]) -> None:
+        path = self.records / f"{key}.json"
+        tmp = path.with_suffix(".tmp")
+        try:
+            with tmp.open("w", encoding="utf-8") as fh:
+                json.dump(record, fh, sort_keys=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.replace(path)  # atomic: a record is either whole or absent
+        except OSError as exc:
+            raise InfrastructureError(f"cannot write run record {path}: {exc}") from None
+
+    def __len__(self) -> int:
+        return len(list(self.records.glob("*.json")))
