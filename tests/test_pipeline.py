@@ -1,0 +1,189 @@
+"""`qualgate run` end to end on the bundled models: verdicts, exit codes, outputs, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from qualgate.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # pipelines name repository-relative paths, as users run them
+
+
+def _pipeline(tmp_path: Path, layers: dict[str, Any], stacks: Any = "auto", **extra: Any) -> Path:
+    data = {
+        "version": 1,
+        "name": "t",
+        "model": {"path": "bundled:target"},
+        "layers": layers,
+        "stacks": stacks,
+        "instruments": {
+            "fidelity": {"golden": "golden/bundled-target"},
+            "equivalence": {"prompts": ["evals/prompts/general.jsonl"], "max_new_tokens": 12},
+        },
+        **extra,
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _run(path: Path, out: Path, *args: str) -> int:
+    return main(["run", str(path), "--out", str(out), *args])
+
+
+@pytest.mark.slow
+def test_two_bit_weights_fail_and_say_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _pipeline(tmp_path, {"w2": {"kind": "weight_quant", "method": "rtn", "bits": 2}})
+    assert _run(path, tmp_path / "run") == 1
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["verdict"] == "fail" and report["report_version"] == 1
+    w2 = next(s for s in report["stacks"] if s["name"] == "w2g128")
+    assert w2["verdict"] == "fail" and w2["layers"] == [
+        {"name": "w2", "kind": "weight_quant", "method": "rtn", "bits": 2}
+    ]
+    kl = next(f for f in w2["findings"] if f["metric"] == "kl_mean")
+    assert kl["status"] == "fail" and kl["fail"] == 0.05 and kl["high"] > 0.05 and kl["low"] <= kl["value"]
+    assert any("kl_mean upper bound" in r and "crosses fail 0.05" in r for r in w2["reasons"])
+    assert "FAIL w2g128: fidelity.kl_mean upper bound" in capsys.readouterr().out
+    base = next(s for s in report["stacks"] if s["role"] == "baseline")
+    assert base["verdict"] == "pass", "the baseline against its own golden passes"
+    junit = (tmp_path / "run" / "junit.xml").read_text()
+    assert junit.count("<testcase") == sum(len(s["findings"]) for s in report["stacks"]) and "<failure" in junit
+    assert "| `w2g128` | FAIL |" in (tmp_path / "run" / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_eight_bit_passes_with_a_compound_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    summary = tmp_path / "step_summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    path = _pipeline(
+        tmp_path,
+        {
+            "w8": {"kind": "weight_quant", "method": "rtn", "bits": 8},
+            "kv": {"kind": "kv_quant", "method": "fp8"},
+            "spec": {"kind": "speculation", "method": "ngram"},
+        },
+    )
+    assert _run(path, tmp_path / "run") == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["verdict"] == "pass"
+    assert [s["name"] for s in report["stacks"]] == [
+        "base",
+        "w8g128",
+        "w8g128+kv-fp8-e4m3",
+        "w8g128+kv-fp8-e4m3+spec-ngram4",
+        "kv-fp8-e4m3",
+        "spec-ngram4",
+    ]
+    ladder = report["compound"]["ladder"]
+    assert [row["step"] for row in ladder] == [1, 2, 3]
+    step2 = ladder[1]["kl_mean"]
+    assert step2["vs_baseline"] == pytest.approx(step2["vs_previous"] + ladder[0]["kl_mean"]["vs_baseline"])
+    assert step2["interaction"] == pytest.approx(step2["vs_baseline"] - step2["sum_of_singles"])
+    assert ladder[2]["kl_mean"]["vs_previous"] == 0, "speculation does not change the distribution"
+    spec = report["stacks"][3]["instruments"]["equivalence"]
+    assert spec["real_divergences"] == 0 and spec["reference"] == "w8g128+kv-fp8-e4m3"
+    assert "qualgate: t" in summary.read_text()
+
+
+@pytest.mark.slow
+def test_lossy_speculation_fails_on_equivalence(tmp_path: Path) -> None:
+    path = _pipeline(tmp_path, {"typical": {"kind": "speculation", "method": "draft_model_typical"}})
+    assert _run(path, tmp_path / "run") == 1
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    stack = report["stacks"][1]
+    assert stack["verdict"] == "fail" and any("real_divergences" in r for r in stack["reasons"])
+    assert stack["instruments"]["fidelity"]["kl_mean"]["value"] < 1e-6, "fidelity cannot see speculation"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"colour": "red"}, "unknown field 'colour'"),
+        ({"version": 2}, "field 'version' must be 1"),
+        ({"layers": {"w": {"kind": "weight_quant", "method": "rtn", "bits": "four"}}}, "layers.w"),
+        ({"layers": {"w": {"kind": "weight_quant", "method": "rnt"}}}, "did you mean 'rtn'"),
+        ({"stacks": [{"layers": ["w9"]}]}, "stacks[0].layers names 'w9'"),
+        ({"instruments": {"fidelity": {"golden": "golden/missing"}}}, "file 'golden/missing' does not exist"),
+        ({"gate": {"kl_means": {"fail": 0.1}}}, "did you mean 'kl_mean'"),
+        ({"gate": {"kl_mean": {"fail": 1e-12}}}, "below the noise floor"),
+    ],
+)
+def test_malformed_pipelines_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: dict[str, Any], message: str
+) -> None:
+    path = _pipeline(tmp_path, {"w": {"kind": "weight_quant", "method": "rtn"}})
+    data = {**yaml.safe_load(path.read_text()), **edit}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert _run(path, tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and str(path) in err
+
+
+def test_missing_and_invalid_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nname: [unclosed\n")
+    assert main(["validate", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_bundled_pipelines_validate(capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("demo", "pre-deploy", "nightly"):
+        assert main(["validate", f"pipelines/{name}.yaml"]) == 0
+    assert "base, w4g64, w4g64+kv-fp8-e4m3" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_report(tmp_path: Path) -> None:
+    path = _pipeline(
+        tmp_path,
+        {
+            "w4": {"kind": "weight_quant", "method": "rtn", "bits": 4},
+            "kv": {"kind": "kv_quant", "method": "fp8"},
+            "spec": {"kind": "speculation", "method": "ngram"},
+        },
+    )
+    clean = tmp_path / "clean"
+    assert _run(path, clean) in (0, 1)
+    killed = tmp_path / "killed"
+    env = {**os.environ, "CI": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qualgate", "run", str(path), "--out", str(killed)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((killed / "records").glob("*.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(list((killed / "records").glob("*.json")))
+    assert finished >= 2 and not (killed / "report.json").exists(), "killed mid-run"
+    assert main(["run", str(path), "--out", str(killed), "--resume"]) in (0, 1)
+    assert (killed / "report.json").read_text() == (clean / "report.json").read_text()
+    assert main(["report", str(killed)]) == main(["report", str(clean)])
+
+
+def test_resume_needs_an_earlier_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _pipeline(tmp_path, {"w": {"kind": "weight_quant", "method": "rtn"}})
+    assert _run(path, tmp_path / "empty", "--resume") == 2
+    assert "holds no earlier run" in capsys.readouterr().err
