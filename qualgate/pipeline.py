@@ -101,7 +101,8 @@ class Runner:
             return record
         with open_session(measured, self.pipeline.backend.name, **self.pipeline.backend.options) as session:
             progress = self.on_progress(f"fidelity {measured.name}") if self.on_progress else None
-            scores = score_text(session, chunks, config, reference=reference, on_chunk=progress)
+            checkpoint = self.store.chunks(key)
+            scores = score_text(session, chunks, config, reference=reference, on_chunk=progress, checkpoint=checkpoint)
         result = compare(reference, scores)
         save: Any = np.savez_compressed  # numpy's stub reads **arrays as its allow_pickle flag
         save(self.samples / f"fidelity.{key}.npz", **result.per_token)
@@ -112,6 +113,7 @@ class Runner:
             "per_token": f"samples/fidelity.{key}.npz",
         }
         self.store.put(key, record)
+        checkpoint.discard()
         self.computed += 1
         return record
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from qualgate import __version__
 from qualgate.errors import InfrastructureError
@@ -58,5 +61,35 @@ class RunStore:
         except OSError as exc:
             raise InfrastructureError(f"cannot write run record {path}: {exc}") from None
 
+    def chunks(self, key: str) -> NpzChunkCheckpoint:
+        return NpzChunkCheckpoint(self.records.parent / "partial" / key)
+
     def __len__(self) -> int:
         return len(list(self.records.glob("*.json")))
+
+
+class NpzChunkCheckpoint:
+    """Per-chunk arrays of one unit of work in progress (see fidelity.score_text)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def load(self, index: int) -> dict[str, np.ndarray] | None:
+        path = self.directory / f"{index:06d}.npz"
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path) as data:
+                return {key: data[key] for key in data.files}
+        except (OSError, ValueError):
+            return None  # torn by a kill: score the chunk again
+
+    def save(self, index: int, part: dict[str, np.ndarray]) -> None:
+        tmp = self.directory / f"{index:06d}.tmp.npz"
+        save: Any = np.savez  # numpy's stub reads **arrays as its allow_pickle flag
+        save(tmp, **part)
+        tmp.replace(self.directory / f"{index:06d}.npz")
+
+    def discard(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)

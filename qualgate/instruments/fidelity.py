@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +39,12 @@ class FidelityConfig(BaseModel):
         if self.block_size is None and session.stack.layer("kv_quant") is not None:
             return self.kv_block_size
         return self.block_size
+
+
+class ChunkCheckpoint(Protocol):
+    def load(self, index: int) -> dict[str, np.ndarray] | None: ...
+
+    def save(self, index: int, part: dict[str, np.ndarray]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -76,12 +82,23 @@ def score_text(
     config: FidelityConfig,
     reference: TokenScores | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
+    checkpoint: ChunkCheckpoint | None = None,
 ) -> TokenScores:
-    """Score every chunk; with a reference, also gather this side's logprobs at its top-k ids."""
+    """Score every chunk; with a reference, also gather this side's logprobs at its top-k ids.
+
+    With a checkpoint, each chunk's arrays are saved as soon as they exist and reused on a rerun, so
+    an interrupted run loses at most the chunk in flight."""
     block_size = config.block_size_for(session)
     parts: list[dict[str, np.ndarray]] = []
     offset = 0
     for index, chunk in enumerate(chunks):
+        saved = checkpoint.load(index) if checkpoint is not None else None
+        if saved is not None:
+            parts.append(saved)
+            offset += chunk.n_scored
+            if on_chunk is not None:
+                on_chunk(index + 1, len(chunks))
+            continue
         gather = None
         if reference is not None:
             rows = reference.top_ids[offset : offset + chunk.n_scored]
@@ -99,6 +116,8 @@ def score_text(
         }
         if result.gathered is not None:
             part["gathered"] = result.gathered[keep]
+        if checkpoint is not None:
+            checkpoint.save(index, part)
         parts.append(part)
         offset += chunk.n_scored
         if on_chunk is not None:
