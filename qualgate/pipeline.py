@@ -213,6 +213,7 @@ class Runner:
             "report_version": REPORT_VERSION,
             "pipeline": self.pipeline.name,
             "verdict": verdict,
+            "reasons": [f"{s['name']}: {reason}" for s in stacks for reason in s["reasons"]],
             "provenance": {
                 "qualgate": __version__,
                 "git": _git(),
