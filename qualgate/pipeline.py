@@ -15,7 +15,13 @@ from qualgate import __version__, golden, noise_floor
 from qualgate.backends import open_session
 from qualgate.config import Pipeline
 from qualgate.gate import Finding, judge, worst_status
-from qualgate.instruments.equivalence import GENERATION_KINDS, load_prompts, reference_stack, run_equivalence
+from qualgate.instruments.equivalence import (
+    GENERATION_KINDS,
+    load_prompts,
+    reference_stack,
+    run_equivalence,
+    without_generation_layers,
+)
 from qualgate.instruments.fidelity import compare, score_text
 from qualgate.plan import PlannedStack, plan
 from qualgate.stack import Stack
@@ -23,13 +29,6 @@ from qualgate.store import RunStore, file_sha256, identity_key
 
 REPORT_VERSION = 1
 Progress = Callable[[str, int, int], None]
-
-
-def _fidelity_stack(stack: Stack) -> Stack:
-    """Generation-time layers do not change the distribution: fidelity is shared with the stack without them."""
-    for kind in GENERATION_KINDS:
-        stack = stack.without(kind)
-    return stack
 
 
 def _git() -> dict[str, Any]:
@@ -64,6 +63,14 @@ class Runner:
         self.planned = plan(pipeline, self.layers)
         self._golden: tuple[Any, ...] | None = None
 
+    def _lookup(self, identity: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+        """The store key of a unit of work (its identity plus the backend) and its record, if finished."""
+        key = identity_key({**identity, "backend": self.pipeline.backend.model_dump()})
+        record = self.store.get(key)
+        if record is not None:
+            self.reused += 1
+        return key, record
+
     # -- fidelity ---------------------------------------------------------------------------------
     def _golden_data(self) -> tuple[Any, ...]:
         if self._golden is None:
@@ -85,19 +92,17 @@ class Runner:
 
     def fidelity(self, stack: Stack) -> dict[str, Any]:
         golden_dir, _manifest, config, chunks, reference, scores_sha = self._golden_data()
-        measured = _fidelity_stack(stack)
-        key = identity_key(
+        # Generation-time layers do not change the distribution: the stack without them is measured once.
+        measured = without_generation_layers(stack)
+        key, record = self._lookup(
             {
                 "instrument": "fidelity",
                 "stack": measured.identity(),
                 "config": config.model_dump(),
                 "golden": scores_sha,
-                "backend": self.pipeline.backend.model_dump(),
             }
         )
-        record = self.store.get(key)
         if record is not None:
-            self.reused += 1
             return record
         with open_session(measured, self.pipeline.backend.name, **self.pipeline.backend.options) as session:
             progress = self.on_progress(f"fidelity {measured.name}") if self.on_progress else None
@@ -125,19 +130,16 @@ class Runner:
         reference = reference_stack(stack)
         prompt_files = {p: file_sha256(Path(p)) for p in inst.prompts}
         config = inst.config()
-        key = identity_key(
+        key, record = self._lookup(
             {
                 "instrument": "equivalence",
                 "stack": stack.identity(),
                 "reference": reference.identity(),
                 "config": config.model_dump(),
                 "prompts": prompt_files,
-                "backend": self.pipeline.backend.model_dump(),
             }
         )
-        record = self.store.get(key)
         if record is not None:
-            self.reused += 1
             return record
         prompts = [p for path in inst.prompts for p in load_prompts(Path(path))]
         options = self.pipeline.backend.options

@@ -159,6 +159,12 @@ def classify(ref: Generation, cand: Generation, position: int, eps: float, decod
 GENERATION_KINDS: tuple[LayerKind, ...] = ("speculation", "prefix_cache")
 
 
+def without_generation_layers(stack: Stack) -> Stack:
+    for kind in GENERATION_KINDS:
+        stack = stack.without(kind)
+    return stack
+
+
 def reference_stack(stack: Stack) -> Stack:
     """The same stack without its generation-time layers (speculation, prefix caching).
 
@@ -166,10 +172,8 @@ def reference_stack(stack: Stack) -> Stack:
     reference of their equivalence check keeps every other layer (the quantizers), so that their
     effect is not blamed on speculation. A lossy method of these kinds (typical acceptance) is
     checked the same way and is expected to fail."""
-    reference = stack
-    for kind in GENERATION_KINDS:
-        reference = reference.without(kind)
-    if reference is stack or not any(layer.kind in GENERATION_KINDS for layer in stack.layers):
+    reference = without_generation_layers(stack)
+    if not any(layer.kind in GENERATION_KINDS for layer in stack.layers):
         raise ConfigError(f"stack '{stack.name}' has no speculation or prefix_cache layer to check for equivalence")
     return reference
 
