@@ -61,6 +61,14 @@ class Instruments(Strict):
     equivalence: EquivalenceInstrument | None = None
 
 
+class TrackingConfig(Strict):
+    """Where the run is logged (MLflow; the logging itself arrives with the tracking issue)."""
+
+    enabled: bool = True
+    experiment: str | None = Field(default=None, description="MLflow experiment; default: the pipeline name")
+    uri: str | None = Field(default=None, description="tracking URI; default: MLFLOW_TRACKING_URI or the local store")
+
+
 class Threshold(Strict):
     warn: float | None = None
     fail: float | None = None
@@ -85,6 +93,7 @@ class Pipeline(Strict):
     stacks: Literal["auto"] | list[StackConfig] = "auto"
     instruments: Instruments = Instruments()
     gate: dict[str, Threshold] = Field(default_factory=default_gate)
+    tracking: TrackingConfig = TrackingConfig()
 
     def built_layers(self, where: str) -> dict[str, Layer[Any]]:
         return {name: build_layer(spec, where=f"{where}: layers.{name}") for name, spec in self.layers.items()}

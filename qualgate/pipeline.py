@@ -147,9 +147,11 @@ class Runner:
             open_session(stack, self.pipeline.backend.name, **options) as candidate,
             open_session(reference, self.pipeline.backend.name, **options) as ref,
         ):
-            result = run_equivalence(candidate, ref, prompts, config)
+            checkpoint = self.store.generations(key)
+            result = run_equivalence(candidate, ref, prompts, config, checkpoint=checkpoint)
         record = {"stack": stack.name, "summary": result.summary()}
         self.store.put(key, record)
+        checkpoint.discard()
         self.computed += 1
         return record
 
@@ -223,6 +225,7 @@ class Runner:
                 "model_files": self.pipeline.model.fingerprint(),
                 "golden": self._golden[1].model_dump() if self._golden else None,
                 "backend": self.pipeline.backend.name,
+                "tracking": self.pipeline.tracking.model_dump(),
             },
             "stacks": stacks,
             "compound": compound_table(self.planned, stacks),

@@ -61,6 +61,9 @@ class RunStore:
         except OSError as exc:
             raise InfrastructureError(f"cannot write run record {path}: {exc}") from None
 
+    def generations(self, key: str) -> JsonCheckpoint:
+        return JsonCheckpoint(self.records.parent / "partial" / key)
+
     def chunks(self, key: str) -> NpzChunkCheckpoint:
         return NpzChunkCheckpoint(self.records.parent / "partial" / key)
 
@@ -90,6 +93,29 @@ class NpzChunkCheckpoint:
         save: Any = np.savez  # numpy's stub reads **arrays as its allow_pickle flag
         save(tmp, **part)
         tmp.replace(self.directory / f"{index:06d}.npz")
+
+    def discard(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class JsonCheckpoint:
+    """Named JSON records of one unit of work in progress (see equivalence.run_equivalence)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def load(self, name: str) -> dict[str, Any] | None:
+        path = self.directory / f"{name}.json"
+        try:
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except json.JSONDecodeError:
+            return None  # torn by a kill: generate it again
+
+    def save(self, name: str, record: dict[str, Any]) -> None:
+        tmp = self.directory / f"{name}.tmp"
+        tmp.write_text(json.dumps(record), encoding="utf-8")
+        tmp.replace(self.directory / f"{name}.json")
 
     def discard(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -116,6 +116,7 @@ def test_lossy_speculation_fails_on_equivalence(tmp_path: Path) -> None:
     ("edit", "message"),
     [
         ({"colour": "red"}, "unknown field 'colour'"),
+        ({"tracking": {"experimnt": "x"}}, "unknown field 'tracking.experimnt'"),
         ({"version": 2}, "field 'version' must be 1"),
         ({"layers": {"w": {"kind": "weight_quant", "method": "rtn", "bits": "four"}}}, "layers.w"),
         ({"layers": {"w": {"kind": "weight_quant", "method": "rnt"}}}, "did you mean 'rtn'"),

@@ -62,3 +62,36 @@ def test_an_interrupted_scoring_resumes_without_redoing_chunks(
     assert len(calls) == len(chunks) - 3, "finished chunks are not scored again"
     for field in ("chunk", "target", "logprob", "top_ids", "top_logprobs", "tail_mass"):
         np.testing.assert_array_equal(getattr(resumed, field), getattr(clean, field))
+
+
+def test_an_interrupted_equivalence_resumes_per_prompt(tmp_path: Path) -> None:
+    from qualgate import build_stack, open_session
+    from qualgate.instruments.equivalence import EquivalenceConfig, load_prompts, reference_stack, run_equivalence
+
+    prompts = load_prompts(Path(__file__).resolve().parent.parent / "evals" / "prompts" / "general.jsonl")[:6]
+    config = EquivalenceConfig(max_new_tokens=12)
+    stack = build_stack({"path": "bundled:target"}, [{"kind": "speculation", "method": "draft_model"}])
+    with open_session(stack) as candidate, open_session(reference_stack(stack)) as reference:
+        clean = run_equivalence(candidate, reference, prompts, config).summary()
+        assert clean["layer_stats"]["speculation"] == candidate.layer_stats()["speculation"], (
+            "per-generation counters add up to the session's"
+        )
+    checkpoint = RunStore(tmp_path).generations("unit")
+    with open_session(stack) as candidate, open_session(reference_stack(stack)) as reference:
+        real_generate = candidate.generate
+        calls: list[int] = []
+
+        def crash_after_two(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 3:
+                raise _Crash
+            return real_generate(*args, **kwargs)
+
+        candidate.generate = crash_after_two
+        with pytest.raises(_Crash):
+            run_equivalence(candidate, reference, prompts, config, checkpoint=checkpoint)
+        calls.clear()
+        candidate.generate = lambda *a, **k: (calls.append(1), real_generate(*a, **k))[1]
+        resumed = run_equivalence(candidate, reference, prompts, config, checkpoint=checkpoint).summary()
+    assert len(calls) == len(prompts) - 2, "finished prompts are not generated again"
+    assert resumed == clean

@@ -174,6 +174,7 @@ class HFSession(Session):
                     top_ids=decoded.top_ids,
                     top_logprobs=decoded.top_logprobs,
                     finish_reason=decoded.finish_reason,
+                    stats=decoded.stats,
                 )
             )
         return results

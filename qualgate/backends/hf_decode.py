@@ -15,28 +15,9 @@ import numpy as np
 
 from qualgate.layers import Proposer, SpeculationLayer
 from qualgate.layers.prefix_cache import PrefixStore
+from qualgate.layers.speculation import SpeculationStats
 
 Forward = Callable[[list[int], Any], Any]  # (token ids, cache) -> logprobs [len, vocab] float64 tensor
-
-
-@dataclass
-class SpeculationStats:
-    verify_steps: int = 0
-    proposed_tokens: int = 0
-    accepted_tokens: int = 0
-
-    def as_dict(self) -> dict[str, float]:
-        rate = self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
-        per_step = self.accepted_tokens / self.verify_steps if self.verify_steps else 0.0
-        return {
-            "verify_steps": self.verify_steps,
-            "proposed_tokens": self.proposed_tokens,
-            "accepted_tokens": self.accepted_tokens,
-            "acceptance_rate": rate,
-            "mean_accepted_tokens": per_step,
-            # vLLM's "mean acceptance length" counts the bonus token every verification yields.
-            "mean_acceptance_length": 1.0 + per_step if self.verify_steps else 0.0,
-        }
 
 
 @dataclass
@@ -45,6 +26,7 @@ class DecodeResult:
     top_ids: np.ndarray
     top_logprobs: np.ndarray
     finish_reason: str
+    stats: dict[str, float]  # this generation's own layer counters (additive across generations)
 
 
 class GreedyDecoder:
@@ -67,14 +49,15 @@ class GreedyDecoder:
         self.prefix_store = prefix_store
         self.spec_stats = SpeculationStats()
 
-    def prefill(self, prompt: list[int]) -> tuple[Any, Any]:
-        """Fill a cache with the prompt; return (cache, logprobs of the token after it)."""
+    def prefill(self, prompt: list[int]) -> tuple[Any, Any, int]:
+        """Fill a cache with the prompt; return (cache, logprobs of the token after it, tokens reused)."""
         store = self.prefix_store
         if store is None:
             cache = self.new_cache()
-            return cache, self.forward(prompt, cache)[-1]
+            return cache, self.forward(prompt, cache)[-1], 0
         cache_probe = self.new_cache()
         reused, cache = store.lookup(prompt, self.croppable(cache_probe))
+        hit = reused
         if cache is None:
             cache = cache_probe
         boundary = store.reusable_length(len(prompt))
@@ -83,12 +66,13 @@ class GreedyDecoder:
             self.forward(prompt[reused:boundary], cache)
             store.store(prompt[:boundary], cache)
             reused = boundary
-        return cache, self.forward(prompt[reused:], cache)[-1]
+        return cache, self.forward(prompt[reused:], cache)[-1], hit
 
     def generate(self, prompt: list[int], max_new_tokens: int, top_k: int, eos: int | None) -> DecodeResult:
         import torch
 
-        cache, logprobs = self.prefill(prompt)
+        before = SpeculationStats(**vars(self.spec_stats))
+        cache, logprobs, reused = self.prefill(prompt)
         context = list(prompt)
         out: list[int] = []
         rows: list[Any] = []  # the distribution each output token was chosen from
@@ -144,4 +128,16 @@ class GreedyDecoder:
             top_ids, top_lps = top.indices.numpy(), top.values.numpy()
         else:
             top_ids, top_lps = np.zeros((0, top_k), dtype=np.int64), np.zeros((0, top_k))
-        return DecodeResult(out, top_ids, top_lps, finish)
+        stats: dict[str, float] = {}
+        if self.proposer is not None:
+            stats.update(self.spec_stats.minus(before).counters())
+        if self.prefix_store is not None:
+            stats.update(
+                {
+                    "prefix_queries": 1,
+                    "prefix_hits": int(reused > 0),
+                    "prefix_prompt_tokens": len(prompt),
+                    "prefix_reused_tokens": reused,
+                }
+            )
+        return DecodeResult(out, top_ids, top_lps, finish, stats)

@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -178,18 +178,97 @@ def reference_stack(stack: Stack) -> Stack:
     return reference
 
 
+class GenerationCheckpoint(Protocol):
+    def load(self, name: str) -> dict[str, Any] | None: ...
+
+    def save(self, name: str, record: dict[str, Any]) -> None: ...
+
+
+def _to_record(gen: Generation) -> dict[str, Any]:
+    return {
+        "prompt_ids": gen.prompt_ids,
+        "token_ids": gen.token_ids,
+        "text": gen.text,
+        "top_ids": gen.top_ids.tolist(),
+        "top_logprobs": gen.top_logprobs.tolist(),
+        "finish_reason": gen.finish_reason,
+        "stats": gen.stats,
+    }
+
+
+def _from_record(record: dict[str, Any]) -> Generation:
+    from qualgate.backends.base import Generation
+
+    return Generation(
+        record["prompt_ids"],
+        record["token_ids"],
+        record["text"],
+        np.asarray(record["top_ids"], dtype=np.int64),
+        np.asarray(record["top_logprobs"]),
+        record["finish_reason"],
+        record["stats"],
+    )
+
+
+def _generate(
+    session: Session, prompt: Prompt, config: EquivalenceConfig, name: str, checkpoint: GenerationCheckpoint | None
+) -> Generation:
+    saved = checkpoint.load(name) if checkpoint is not None else None
+    if saved is not None:
+        return _from_record(saved)
+    [gen] = session.generate([prompt.text], max_new_tokens=config.max_new_tokens, top_k=config.top_k)
+    if checkpoint is not None:
+        checkpoint.save(name, _to_record(gen))
+    return gen
+
+
+def aggregate_layer_stats(generations: list[Generation]) -> dict[str, dict[str, float]]:
+    """Layer statistics from each generation's own counters, so they add up across a resumed run."""
+    from qualgate.layers.prefix_cache import PrefixCacheStats
+    from qualgate.layers.speculation import SpeculationStats
+
+    totals: dict[str, float] = {}
+    for gen in generations:
+        for key, value in gen.stats.items():
+            totals[key] = totals.get(key, 0) + value
+    stats: dict[str, dict[str, float]] = {}
+    if "proposed_tokens" in totals:
+        stats["speculation"] = SpeculationStats(
+            int(totals["verify_steps"]), int(totals["proposed_tokens"]), int(totals["accepted_tokens"])
+        ).as_dict()
+    if "prefix_queries" in totals:
+        stats["prefix_cache"] = PrefixCacheStats(
+            int(totals["prefix_queries"]),
+            int(totals["prefix_hits"]),
+            int(totals["prefix_prompt_tokens"]),
+            int(totals["prefix_reused_tokens"]),
+        ).as_dict()
+    return stats
+
+
 def run_equivalence(
-    candidate: Session, reference: Session, prompts: list[Prompt], config: EquivalenceConfig
+    candidate: Session,
+    reference: Session,
+    prompts: list[Prompt],
+    config: EquivalenceConfig,
+    checkpoint: GenerationCheckpoint | None = None,
 ) -> EquivalenceResult:
-    """Greedy generation on both sides; with a prefix cache every prompt runs cold, then warm."""
-    texts = [p.text for p in prompts]
-    ref_gens = reference.generate(texts, max_new_tokens=config.max_new_tokens, top_k=config.top_k)
-    runs = ["cold", "warm"] if candidate.stack.layer("prefix_cache") is not None else ["single"]
+    """Greedy generation on both sides; with a prefix cache every prompt runs cold, then warm.
+
+    With a checkpoint, every generation is saved as it finishes and reused on a rerun. A prefix-cache
+    check is not checkpointed: its warm runs depend on the cache its cold runs filled in this session.
+    """
+    prefix = candidate.stack.layer("prefix_cache") is not None
+    runs = ["cold", "warm"] if prefix else ["single"]
+    saves = None if prefix else checkpoint
+    ref_gens = [_generate(reference, p, config, f"reference-{i}", saves) for i, p in enumerate(prompts)]
     divergences: list[Divergence] = []
+    cand_all: list[Generation] = []
     exact = samples = 0
     max_diff = 0.0
     for run in runs:
-        cand_gens = candidate.generate(texts, max_new_tokens=config.max_new_tokens, top_k=config.top_k)
+        cand_gens = [_generate(candidate, p, config, f"{run}-{i}", saves) for i, p in enumerate(prompts)]
+        cand_all.extend(cand_gens)
         for prompt, ref, cand in zip(prompts, ref_gens, cand_gens, strict=True):
             samples += 1
             position = first_divergence(ref.token_ids, cand.token_ids)
@@ -203,12 +282,13 @@ def run_equivalence(
                 continue
             found = classify(ref, cand, position, config.eps, reference.decode)
             divergences.append(Divergence(**{**asdict(found), "prompt_id": prompt.id, "run": run}))
-    stats = candidate.layer_stats()
+    # Per-generation counters when the backend reports them (they survive a resume); else the session's.
+    stats = aggregate_layer_stats(cand_all) or candidate.layer_stats()
     problems = []
     if max_diff > config.logprob_tolerance:
         problems.append(f"shared-prefix logprobs differ by {max_diff:.3g} > {config.logprob_tolerance:g}")
-    prefix = stats.get("prefix_cache")
-    if prefix is not None and prefix.get("hits", 0) == 0:
+    prefix_stats = stats.get("prefix_cache")
+    if prefix_stats is not None and prefix_stats.get("hits", 0) == 0:
         problems.append("the prefix cache never hit: prefix caching was not exercised by this prompt set")
     return EquivalenceResult(
         reference=reference.stack.name,

@@ -7,6 +7,7 @@ Both only propose tokens; the decoding loop verifies them against the target wit
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from pydantic import Field, model_validator
@@ -16,6 +17,42 @@ from qualgate.models import ModelSpec, load_hf_model
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass
+class SpeculationStats:
+    """Counters of speculative decoding; rates are derived, so counters add across generations."""
+
+    verify_steps: int = 0
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+
+    def counters(self) -> dict[str, float]:
+        return {
+            "verify_steps": self.verify_steps,
+            "proposed_tokens": self.proposed_tokens,
+            "accepted_tokens": self.accepted_tokens,
+        }
+
+    def minus(self, earlier: SpeculationStats) -> SpeculationStats:
+        return SpeculationStats(
+            self.verify_steps - earlier.verify_steps,
+            self.proposed_tokens - earlier.proposed_tokens,
+            self.accepted_tokens - earlier.accepted_tokens,
+        )
+
+    def as_dict(self) -> dict[str, float]:
+        rate = self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
+        per_step = self.accepted_tokens / self.verify_steps if self.verify_steps else 0.0
+        return {
+            "verify_steps": self.verify_steps,
+            "proposed_tokens": self.proposed_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": rate,
+            "mean_accepted_tokens": per_step,
+            # vLLM's "mean acceptance length" counts the bonus token every verification yields.
+            "mean_acceptance_length": 1.0 + per_step if self.verify_steps else 0.0,
+        }
 
 
 class DraftModelParams(SpeculationParams):
