@@ -40,32 +40,11 @@ def parse_layer(text: str) -> dict[str, Any]:
     return layer
 
 
-def read_text(path: str) -> str:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"text file '{path}' does not exist; pass --text with a UTF-8 text file")
-    try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"text file '{path}' is not UTF-8 ({exc})") from None
-
-
-def _config_from_manifest(manifest: golden.GoldenManifest) -> FidelityConfig:
-    return FidelityConfig.model_validate(manifest.fidelity)
-
-
-def _golden_text(args: argparse.Namespace, manifest: golden.GoldenManifest) -> str:
-    source = args.text or manifest.text.get("source")
-    if not source:
-        raise ConfigError(f"{args.golden}: the manifest names no text file; pass --text")
-    return read_text(source)
-
-
 def cmd_record(args: argparse.Namespace) -> int:
     config = FidelityConfig.model_validate(
         {"mode": args.mode, "n_ctx": args.n_ctx, "top_k": args.top_k, "max_chunks": args.max_chunks}
     )
-    text = read_text(args.text)
+    text = golden.read_text_file(args.text)
     stack = build_stack(ModelSpec(path=args.model, dtype=args.dtype))
     with open_session(stack) as session, progress("golden record") as on_chunk:
         manifest = golden.record(session, text, config, Path(args.out), text_source=args.text, on_chunk=on_chunk)
@@ -79,13 +58,12 @@ def cmd_record(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     golden_dir = Path(args.golden)
     manifest = golden.read_manifest(golden_dir)
-    model = ModelSpec(path=manifest.model["path"], dtype=manifest.model["dtype"])
-    with open_session(build_stack(model)) as session:
+    with open_session(build_stack(manifest.baseline_model())) as session:
         report = golden.verify(
             golden_dir,
             session,
-            _golden_text(args, manifest),
-            _config_from_manifest(manifest),
+            golden.domain_text(golden_dir, manifest, args.text),
+            manifest.fidelity_config(),
             sample_chunks=args.sample_chunks,
             tolerance=args.tolerance,
         )
@@ -109,8 +87,7 @@ def _compare_with_golden(
     label: str,
 ) -> FidelityResult:
     manifest = golden.read_manifest(golden_dir)
-    baseline = ModelSpec(path=manifest.model["path"], dtype=manifest.model["dtype"])
-    chunks, reference = golden.load(golden_dir, baseline, text, config)
+    chunks, reference = golden.load(golden_dir, manifest.baseline_model(), text, config)
     with open_session(build_stack(candidate, layers)) as session, progress(label) as on_chunk:
         scores = score_text(session, chunks, config, reference=reference, on_chunk=on_chunk)
     return compare(reference, scores)
@@ -119,12 +96,12 @@ def _compare_with_golden(
 def cmd_noise_floor(args: argparse.Namespace) -> int:
     golden_dir = Path(args.golden)
     manifest = golden.read_manifest(golden_dir)
-    config = _config_from_manifest(manifest)
     if args.block_size is None and args.dtype is None:
         raise ConfigError("noise-floor needs another way to run the baseline: --block-size N and/or --dtype D")
-    model = ModelSpec(path=manifest.model["path"], dtype=args.dtype or manifest.model["dtype"])
-    config = config.model_copy(update={"block_size": args.block_size})
-    result = _compare_with_golden(golden_dir, _golden_text(args, manifest), model, [], config, "noise floor")
+    model = manifest.baseline_model(args.dtype)
+    config = manifest.fidelity_config(block_size=args.block_size)
+    text = golden.domain_text(golden_dir, manifest, args.text)
+    result = _compare_with_golden(golden_dir, text, model, [], config, "noise floor")
     variant = {"block_size": args.block_size, "dtype": model.dtype}
     path = noise_floor.save(golden_dir, variant, result.summary)
     print_summary(result.summary, f"noise floor ({variant})")
@@ -135,10 +112,11 @@ def cmd_noise_floor(args: argparse.Namespace) -> int:
 def cmd_fidelity(args: argparse.Namespace) -> int:
     golden_dir = Path(args.golden)
     manifest = golden.read_manifest(golden_dir)
-    config = _config_from_manifest(manifest).model_copy(update={"block_size": args.block_size})
-    model = ModelSpec(path=manifest.model["path"], dtype=manifest.model["dtype"])
+    config = manifest.fidelity_config(block_size=args.block_size)
+    model = manifest.baseline_model()
     layers = [parse_layer(text) for text in args.layer]
-    result = _compare_with_golden(golden_dir, _golden_text(args, manifest), model, layers, config, "fidelity")
+    text = golden.domain_text(golden_dir, manifest, args.text)
+    result = _compare_with_golden(golden_dir, text, model, layers, config, "fidelity")
     print_summary(result.summary, build_stack(model, layers).name)
     if args.json:
         Path(args.json).write_text(json.dumps(result.summary, indent=2) + "\n", encoding="utf-8")

@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qualgate.errors import ConfigError
 from qualgate.instruments.equivalence import EquivalenceConfig
-from qualgate.instruments.fidelity import FidelityConfig
 from qualgate.layers import Layer, build_layer
 from qualgate.models import ModelSpec
 from qualgate.registry import did_you_mean
@@ -97,13 +96,6 @@ class Pipeline(Strict):
 
     def built_layers(self, where: str) -> dict[str, Layer[Any]]:
         return {name: build_layer(spec, where=f"{where}: layers.{name}") for name, spec in self.layers.items()}
-
-    def fidelity_config(self, golden_fidelity: dict[str, Any]) -> FidelityConfig:
-        inst = self.instruments.fidelity
-        assert inst is not None
-        return FidelityConfig.model_validate(
-            {**golden_fidelity, "block_size": inst.block_size, "kv_block_size": inst.kv_block_size}
-        )
 
 
 GATE_METRICS = ("kl_mean", "same_top1", "ppl_ratio", "real_divergences")

@@ -52,6 +52,32 @@ class GoldenManifest(BaseModel):
     bytes_per_token: float
     ppl: float
 
+    def baseline_model(self, dtype: str | None = None) -> ModelSpec:
+        """The model the golden was recorded with (optionally in another dtype, for a noise floor)."""
+        return ModelSpec.model_validate({"path": self.model["path"], "dtype": dtype or self.model["dtype"]})
+
+    def fidelity_config(self, **overrides: Any) -> FidelityConfig:
+        """The chunking and top-k of this golden, with comparison-side settings (block sizes) added."""
+        return FidelityConfig.model_validate({**self.fidelity, **overrides})
+
+
+def read_text_file(path: str) -> str:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"text file '{path}' does not exist; pass --text (or fidelity.text) with a UTF-8 file")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"text file '{path}' is not UTF-8 ({exc})") from None
+
+
+def domain_text(golden_dir: Path, manifest: GoldenManifest, override: str | None = None) -> str:
+    """The domain text a golden was recorded on: `override`, else the path its manifest names."""
+    source = override or manifest.text.get("source")
+    if not source:
+        raise ConfigError(f"{golden_dir}: the manifest names no text file; pass --text")
+    return read_text_file(source)
+
 
 def text_identity(text: str, source: str | None = None) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "chars": len(text), "source": source}

@@ -72,26 +72,33 @@ class Runner:
         return key, record
 
     # -- fidelity ---------------------------------------------------------------------------------
+    def check_gate_against_noise_floor(self) -> None:
+        """Refuse thresholds tighter than the golden's recorded floor, before any work (and on every
+        rerun: thresholds are not part of a record's identity, so reused records must not skip this)."""
+        inst = self.pipeline.instruments.fidelity
+        if inst is None:
+            return
+        floors = noise_floor.floor_values(Path(inst.golden))
+        for metric, tiers in self.pipeline.gate.items():
+            for threshold in (tiers.warn, tiers.fail):
+                if threshold is not None:
+                    noise_floor.check_thresholds({metric: threshold}, floors, f"{self.where}: gate")
+
     def _golden_data(self) -> tuple[Any, ...]:
+        """The golden's chunks, reference scores and scores hash, loaded once per run (record keys need them)."""
         if self._golden is None:
             inst = self.pipeline.instruments.fidelity
             assert inst is not None
             golden_dir = Path(inst.golden)
             manifest = golden.read_manifest(golden_dir)
-            config = self.pipeline.fidelity_config(manifest.fidelity)
-            text_path = inst.text or manifest.text.get("source") or ""
-            text = Path(text_path).read_text(encoding="utf-8")
-            baseline = self.pipeline.model
-            chunks, reference = golden.load(golden_dir, baseline, text, config)
-            floors = noise_floor.floor_values(golden_dir)
-            thresholds = {m: v for m, t in self.pipeline.gate.items() for v in (t.warn, t.fail) if v is not None}
-            for metric, threshold in thresholds.items():
-                noise_floor.check_thresholds({metric: threshold}, floors, f"{self.where}: gate")
-            self._golden = (golden_dir, manifest, config, chunks, reference, file_sha256(golden_dir / golden.SCORES))
+            config = manifest.fidelity_config(block_size=inst.block_size, kv_block_size=inst.kv_block_size)
+            text = golden.domain_text(golden_dir, manifest, inst.text)
+            chunks, reference = golden.load(golden_dir, self.pipeline.model, text, config)
+            self._golden = (golden_dir, config, chunks, reference, file_sha256(golden_dir / golden.SCORES))
         return self._golden
 
     def fidelity(self, stack: Stack) -> dict[str, Any]:
-        golden_dir, _manifest, config, chunks, reference, scores_sha = self._golden_data()
+        golden_dir, config, chunks, reference, scores_sha = self._golden_data()
         # Generation-time layers do not change the distribution: the stack without them is measured once.
         measured = without_generation_layers(stack)
         key, record = self._lookup(
@@ -189,6 +196,9 @@ class Runner:
 
     # -- run ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        self.check_gate_against_noise_floor()
+        fidelity = self.pipeline.instruments.fidelity
+        golden_manifest = golden.read_manifest(Path(fidelity.golden)).model_dump() if fidelity else None
         stacks: list[dict[str, Any]] = []
         for planned in self.planned:
             fid = self.fidelity(planned.stack) if self.pipeline.instruments.fidelity else None
@@ -223,7 +233,7 @@ class Runner:
                 "git": _git(),
                 "model": self.pipeline.model.model_dump(),
                 "model_files": self.pipeline.model.fingerprint(),
-                "golden": self._golden[1].model_dump() if self._golden else None,
+                "golden": golden_manifest,
                 "backend": self.pipeline.backend.name,
                 "tracking": self.pipeline.tracking.model_dump(),
             },

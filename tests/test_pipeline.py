@@ -81,8 +81,12 @@ def test_eight_bit_passes_with_a_compound_table(tmp_path: Path, monkeypatch: pyt
         },
     )
     assert _run(path, tmp_path / "run") == 0
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    first = (tmp_path / "run" / "report.json").read_text()
+    report = json.loads(first)
     assert report["verdict"] == "pass"
+    assert report["provenance"]["golden"]["n_tokens"] == 4080
+    assert _run(path, tmp_path / "run") == 0, "a rerun reuses every record"
+    assert (tmp_path / "run" / "report.json").read_text() == first, "and reports the same, byte for byte"
     assert [s["name"] for s in report["stacks"]] == [
         "base",
         "w8g128",
@@ -124,6 +128,7 @@ def test_lossy_speculation_fails_on_equivalence(tmp_path: Path) -> None:
         ({"instruments": {"fidelity": {"golden": "golden/missing"}}}, "file 'golden/missing' does not exist"),
         ({"gate": {"kl_means": {"fail": 0.1}}}, "did you mean 'kl_mean'"),
         ({"gate": {"kl_mean": {"fail": 1e-12}}}, "below the noise floor"),
+        ({"gate": {"kl_mean": {"warn": 1e-12, "fail": 0.05}}}, "kl_mean threshold 1e-12 is below the noise floor"),
     ],
 )
 def test_malformed_pipelines_exit_2_with_one_line(
