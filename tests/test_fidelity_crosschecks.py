@@ -98,6 +98,30 @@ def test_top_k_plus_tail_kl_against_the_full_vocabulary(base_session: Any, domai
 
 
 @pytest.mark.slow
+def test_top_k_plus_tail_kl_is_within_one_percent_at_the_default_k_on_a_small_vocabulary(domain_text: str) -> None:
+    """METRICS.md's check, on the bundled byte-vocabulary model (259 tokens), whose next-token
+    distributions are peaked as a real model's are: the default k = 64 keeps >99% of the full KL."""
+    default = FidelityConfig(max_chunks=4)
+    assert default.top_k == 64
+    with open_session(build_stack({"path": "bundled:bytes"})) as base:
+        full = default.model_copy(update={"top_k": base.vocab_size})
+        chunks = chunk_text(base, domain_text, default)
+        reference_full = score_text(base, chunks, full)
+        reference = score_text(base, chunks, default)
+    assert reference.top_ids.shape[1] == 64 and reference_full.top_ids.shape[1] == 259
+    for layers in (
+        [{"kind": "weight_quant", "method": "rtn", "bits": 4}],
+        [{"kind": "weight_quant", "method": "rtn", "bits": 8}],
+    ):
+        with open_session(build_stack({"path": "bundled:bytes"}, layers)) as session:
+            exact = compare(reference_full, score_text(session, chunks, full, reference=reference_full)).summary
+            bound = compare(reference, score_text(session, chunks, default, reference=reference)).summary
+        full_kl, kl = exact["kl_mean"]["value"], bound["kl_mean"]["value"]
+        assert bound["top_k"] == 64 and bound["reference_tail_mass"] < 0.01
+        assert 0.99 * full_kl <= kl <= full_kl * (1 + 1e-9), (layers, kl, full_kl)
+
+
+@pytest.mark.slow
 def test_two_bits_far_worse_than_eight_far_worse_than_the_noise_floor(reference: Any) -> None:
     floor = _summary([], reference, CONFIG.model_copy(update={"block_size": 1}))
     half = _summary([], reference, dtype="bfloat16")

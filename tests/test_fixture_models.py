@@ -55,7 +55,7 @@ def test_card_perplexity_reproduces_from_the_committed_weights(name: str, domain
     with open_session(build_stack({"path": f"bundled:{name}"})) as session:
         assert session.stack.model.local_path() == MODELS_DIR / name
         ids = session.encode(domain_text)
-        assert len(ids) == card["corpus"]["tokens_heldout"]
+        assert len(ids) == card["models"][name]["tokens_heldout"]
         ppl = _heldout_ppl(session, ids)
     assert ppl == pytest.approx(card["models"][name]["heldout_ppl"], rel=1e-4)
 
@@ -65,6 +65,8 @@ def test_models_are_genuinely_trained() -> None:
     target, draft = card["models"]["target"]["heldout_ppl"], card["models"]["draft"]["heldout_ppl"]
     assert target < 0.8 * draft, "the target is clearly better than its draft"
     assert draft < card["unigram_heldout_ppl"] / 5, "both are far better than a unigram model"
+    small = card["models"]["bytes"]
+    assert small["vocab_size"] == 259 and small["heldout_ppl"] < small["unigram_heldout_ppl"] / 3
 
 
 @pytest.mark.slow
@@ -80,6 +82,8 @@ def test_training_script_is_deterministic(tmp_path: Path) -> None:
             "--target-steps",
             "3",
             "--draft-steps",
+            "3",
+            "--bytes-steps",
             "3",
             "--batch-size",
             "2",
@@ -98,4 +102,4 @@ def test_training_script_is_deterministic(tmp_path: Path) -> None:
             }
         )
     assert outputs[0] == outputs[1]
-    assert "target/model.safetensors" in outputs[0] and "tokenizer/tokenizer.json" in outputs[0]
+    assert {"target/model.safetensors", "bytes/model.safetensors", "tokenizer/tokenizer.json"} <= set(outputs[0])
