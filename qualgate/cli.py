@@ -49,11 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="list bundled models, backends and layers")
     info.add_argument("--no-color", action="store_true")
     info.set_defaults(func=_info)
-    from qualgate import cli_equivalence, cli_fidelity, cli_run
+    from qualgate import cli_equivalence, cli_fidelity, cli_run, cli_tracking
 
     cli_run.add_commands(commands)
     cli_fidelity.add_commands(commands)
     cli_equivalence.add_commands(commands)
+    cli_tracking.add_commands(commands)
     return parser
 
 

@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from qualgate import report as publish
+from qualgate.cli_tracking import track_run
 from qualgate.config import load_pipeline
 from qualgate.errors import ConfigError
 from qualgate.pipeline import Runner
 from qualgate.progress import progress
+from qualgate.tracking.state import now_ms
 
 DEFAULT_PIPELINE = "pipelines/demo.yaml"
 EXIT = {"pass": 0, "warn": 0, "fail": 1}
@@ -37,6 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return update
 
+    started = now_ms()
     runner = Runner(pipeline, str(path), out, on_progress=bar)
     result = runner.run()
     publish.write(result, out)
@@ -45,7 +48,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{len(runner.planned)} stacks; {runner.computed} units measured, {runner.reused} reused; "
         f"report: {out / 'report.json'}"
     )
-    return EXIT[result["verdict"]]
+    tracked = track_run(out, result, pipeline, started, args.tracking_uri, args.no_tracking)
+    gate = EXIT[result["verdict"]]
+    # A tracking failure is exit 3 only when the gate itself passed: a failed gate must read as failed.
+    return gate if gate or tracked else 3
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -71,6 +77,12 @@ def add_commands(commands: Any) -> None:
         "--resume", action="store_true", help="continue an interrupted run (rerunning the same command does too)"
     )
     run.add_argument("--fresh", action="store_true", help="discard earlier records in the run directory")
+    run.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: the pipeline's tracking.uri, else MLFLOW_TRACKING_URI, else ./mlflow.db)",
+    )
+    run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (the run directory is kept)")
     run.set_defaults(func=cmd_run)
     val = commands.add_parser("validate", help="check a pipeline file and list the stacks it plans")
     val.add_argument("pipeline")

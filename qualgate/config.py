@@ -61,11 +61,11 @@ class Instruments(Strict):
 
 
 class TrackingConfig(Strict):
-    """Where the run is logged (MLflow; the logging itself arrives with the tracking issue)."""
+    """Where the run is logged in MLflow (see qualgate.tracking)."""
 
     enabled: bool = True
     experiment: str | None = Field(default=None, description="MLflow experiment; default: the pipeline name")
-    uri: str | None = Field(default=None, description="tracking URI; default: MLFLOW_TRACKING_URI or the local store")
+    uri: str | None = Field(default=None, description="tracking URI; default: MLFLOW_TRACKING_URI, else ./mlflow.db")
 
 
 class Threshold(Strict):

@@ -194,6 +194,23 @@ class Runner:
                 )
         return found
 
+    def data_provenance(self, golden_manifest: dict[str, Any] | None) -> list[dict[str, str]]:
+        """Every evaluation input by path and content hash (logged as MLflow datasets)."""
+        data = []
+        fidelity, equivalence = self.pipeline.instruments.fidelity, self.pipeline.instruments.equivalence
+        if fidelity and golden_manifest:
+            text = golden_manifest["text"]
+            source = fidelity.text or text.get("source") or "(recorded text)"
+            data.append({"name": "domain-text", "role": "fidelity", "source": source, "sha256": text["sha256"]})
+            data.append(
+                {"name": "golden", "role": "fidelity", "source": fidelity.golden, "sha256": self._golden_data()[4]}
+            )
+        for path in equivalence.prompts if equivalence else []:
+            data.append(
+                {"name": Path(path).stem, "role": "equivalence", "source": path, "sha256": file_sha256(Path(path))}
+            )
+        return data
+
     # -- run ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.check_gate_against_noise_floor()
@@ -236,6 +253,7 @@ class Runner:
                 "golden": golden_manifest,
                 "backend": self.pipeline.backend.name,
                 "tracking": self.pipeline.tracking.model_dump(),
+                "data": self.data_provenance(golden_manifest),
             },
             "stacks": stacks,
             "compound": compound_table(self.planned, stacks),

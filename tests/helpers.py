@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import yaml
 
 from qualgate import ScoreResult
+from qualgate.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pipeline_file(tmp_path: Path, layers: dict[str, Any], stacks: Any = "auto", **extra: Any) -> Path:
+    """A small pipeline on the bundled model: fidelity against the bundled golden, short equivalence."""
+    data = {
+        "version": 1,
+        "name": "t",
+        "model": {"path": "bundled:target"},
+        "layers": layers,
+        "stacks": stacks,
+        "instruments": {
+            "fidelity": {"golden": "golden/bundled-target"},
+            "equivalence": {"prompts": ["evals/prompts/general.jsonl"], "max_new_tokens": 12},
+        },
+        **extra,
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_pipeline(path: Path, out: Path, *args: str) -> int:
+    return main(["run", str(path), "--out", str(out), *args])
 
 
 def full_logprobs(result: ScoreResult, vocab_size: int) -> np.ndarray:

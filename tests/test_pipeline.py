@@ -13,37 +13,16 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import REPO
+from helpers import pipeline_file as _pipeline
+from helpers import run_pipeline as _run
 
 from qualgate.cli import main
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
 def _in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)  # pipelines name repository-relative paths, as users run them
-
-
-def _pipeline(tmp_path: Path, layers: dict[str, Any], stacks: Any = "auto", **extra: Any) -> Path:
-    data = {
-        "version": 1,
-        "name": "t",
-        "model": {"path": "bundled:target"},
-        "layers": layers,
-        "stacks": stacks,
-        "instruments": {
-            "fidelity": {"golden": "golden/bundled-target"},
-            "equivalence": {"prompts": ["evals/prompts/general.jsonl"], "max_new_tokens": 12},
-        },
-        **extra,
-    }
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def _run(path: Path, out: Path, *args: str) -> int:
-    return main(["run", str(path), "--out", str(out), *args])
 
 
 @pytest.mark.slow

@@ -1,0 +1,1 @@
+"""MLflow tracking of finished runs: layout, plots, upload (idempotent), comparison with earlier runs."""
