@@ -68,6 +68,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     for name in ("torch", "torch.utils._pytree", "torchao", "transformers", "optimum", "lm_eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # MLflow sets its own logger level at import from this variable (default INFO: migration chatter).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
