@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qualgate.errors import ConfigError
+from qualgate.instruments.benchmarks.config import BenchmarksConfig
 from qualgate.instruments.equivalence import EquivalenceConfig
 from qualgate.layers import Layer, build_layer
 from qualgate.models import ModelSpec
@@ -58,6 +59,7 @@ class EquivalenceInstrument(Strict):
 class Instruments(Strict):
     fidelity: FidelityInstrument | None = None
     equivalence: EquivalenceInstrument | None = None
+    benchmarks: BenchmarksConfig | None = None
 
 
 class TrackingConfig(Strict):
@@ -80,6 +82,7 @@ def default_gate() -> dict[str, Threshold]:
         "same_top1": Threshold(warn=0.95, fail=0.90),
         "ppl_ratio": Threshold(warn=1.15, fail=1.30),
         "real_divergences": Threshold(fail=0),
+        "recovery": Threshold(warn=0.99, fail=0.97),
     }
 
 
@@ -98,7 +101,7 @@ class Pipeline(Strict):
         return {name: build_layer(spec, where=f"{where}: layers.{name}") for name, spec in self.layers.items()}
 
 
-GATE_METRICS = ("kl_mean", "same_top1", "ppl_ratio", "real_divergences")
+GATE_METRICS = ("kl_mean", "same_top1", "ppl_ratio", "real_divergences", "recovery")
 
 
 def load_pipeline(path: Path) -> Pipeline:
@@ -148,4 +151,6 @@ def _paths(pipeline: Pipeline) -> list[str]:
             paths.append(pipeline.instruments.fidelity.text)
     if pipeline.instruments.equivalence is not None:
         paths.extend(pipeline.instruments.equivalence.prompts)
+    if pipeline.instruments.benchmarks is not None:
+        paths.extend(pipeline.instruments.benchmarks.include)
     return paths

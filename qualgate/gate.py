@@ -16,6 +16,7 @@ METRIC_DIRECTION: dict[str, bool] = {
     "ppl_ratio": True,
     "same_top1": False,
     "real_divergences": True,
+    "recovery": False,
 }
 
 

@@ -4,6 +4,7 @@ gate, and return the report. Publishing (files, terminal) lives in report.py.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,9 @@ from qualgate import __version__, golden, noise_floor
 from qualgate.backends import open_session
 from qualgate.config import Pipeline
 from qualgate.gate import Finding, judge, worst_status
+from qualgate.instruments.benchmarks import run as benchmarks_run
+from qualgate.instruments.benchmarks.paired import compare_task, holm
+from qualgate.instruments.benchmarks.run import TaskResult
 from qualgate.instruments.equivalence import (
     GENERATION_KINDS,
     load_prompts,
@@ -25,6 +29,7 @@ from qualgate.instruments.equivalence import (
 from qualgate.instruments.fidelity import compare, score_text
 from qualgate.plan import PlannedStack, plan
 from qualgate.stack import Stack
+from qualgate.stats import proportion
 from qualgate.store import RunStore, file_sha256, identity_key
 
 REPORT_VERSION = 1
@@ -62,6 +67,7 @@ class Runner:
         self.layers = pipeline.built_layers(where)
         self.planned = plan(pipeline, self.layers)
         self._golden: tuple[Any, ...] | None = None
+        self._task_manager: Any = None
 
     def _lookup(self, identity: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         """The store key of a unit of work (its identity plus the backend) and its record, if finished."""
@@ -163,7 +169,9 @@ class Runner:
         return record
 
     # -- gate ---------------------------------------------------------------------------------------
-    def findings(self, fidelity: dict[str, Any] | None, equivalence: dict[str, Any] | None) -> list[Finding]:
+    def findings(
+        self, fidelity: dict[str, Any] | None, equivalence: dict[str, Any] | None, benchmarks: dict[str, Any] | None
+    ) -> list[Finding]:
         gate = self.pipeline.gate
         found: list[Finding] = []
         if fidelity is not None:
@@ -192,6 +200,12 @@ class Runner:
                         "; ".join(s["problems"]),
                     )
                 )
+        for task in (benchmarks or {}).get("tasks", []):
+            if "recovery" in task:
+                est = task["recovery"]
+                t = gate.get("recovery")
+                finding = Finding(f"benchmarks.{task['task']}", "recovery", est["value"], est["low"], est["high"])
+                found.append(judge(finding, t.warn if t else None, t.fail if t else None))
         return found
 
     def data_provenance(self, golden_manifest: dict[str, Any] | None) -> list[dict[str, str]]:
@@ -209,7 +223,81 @@ class Runner:
             data.append(
                 {"name": Path(path).stem, "role": "equivalence", "source": path, "sha256": file_sha256(Path(path))}
             )
+        benchmarks = self.pipeline.instruments.benchmarks
+        for directory in benchmarks.include if benchmarks else []:
+            data.append(
+                {
+                    "name": f"tasks-{Path(directory).name}",
+                    "role": "benchmarks",
+                    "source": directory,
+                    "sha256": file_sha256(Path(directory)),
+                }
+            )
         return data
+
+    # -- benchmarks -------------------------------------------------------------------------------
+    def benchmark_results(self, stack: Stack) -> tuple[str, dict[str, TaskResult]]:
+        """Every document's result of every task through `stack`. Loglikelihood requests are cached
+        under the stack's scoring identity (generation layers do not change scores), generations under
+        its full identity; the unit itself under the stack, the task settings and the task files."""
+        inst = self.pipeline.instruments.benchmarks
+        assert inst is not None
+        tasks_hash = {d: file_sha256(Path(d)) for d in inst.include}
+        key, record = self._lookup(
+            {"instrument": "benchmarks", "stack": stack.identity(), "config": inst.model_dump(), "tasks": tasks_hash}
+        )
+        if record is None:
+            block = inst.kv_block_size if stack.layer("kv_quant") else None
+            scoring = without_generation_layers(stack)
+            score_cache = self.store.requests(identity_key({"scoring": scoring.identity(), "block_size": block}))
+            generate_cache = self.store.requests(identity_key({"generation": stack.identity(), "block_size": block}))
+            if self._task_manager is None:
+                self._task_manager = benchmarks_run.task_manager(inst, self.where)
+            options = self.pipeline.backend.options
+            with open_session(stack, self.pipeline.backend.name, **options) as session:
+                progress = self.on_progress(f"benchmarks {stack.name}") if self.on_progress else None
+                results = benchmarks_run.run_tasks(
+                    session, inst, self._task_manager, block, score_cache, generate_cache, progress
+                )
+            path = self.samples / f"benchmarks.{key}.json"
+            path.write_text(json.dumps([r.as_dict() for r in results.values()]), encoding="utf-8")
+            record = {"stack": stack.name, "samples": f"samples/benchmarks.{key}.json"}
+            self.store.put(key, record)
+            self.computed += 1
+        data = json.loads((self.out / record["samples"]).read_text(encoding="utf-8"))
+        return str(record["samples"]), {d["task"]: TaskResult.from_dict(d) for d in data}
+
+    def benchmarks(self, stack: Stack) -> dict[str, Any] | None:
+        """Per-task paired comparison of `stack` with the unoptimized model (Holm across tasks)."""
+        if self.pipeline.instruments.benchmarks is None:
+            return None
+        _, baseline = self.benchmark_results(Stack(model=self.pipeline.model))
+        samples_file, candidate = self.benchmark_results(stack)
+        tasks = list(candidate)
+        if not stack.layers:
+            return {
+                "samples": samples_file,
+                "tasks": [
+                    {
+                        "task": t,
+                        "metric": candidate[t].metric,
+                        "n": len(candidate[t].samples),
+                        "accuracy_baseline": proportion(
+                            np.array([s.correct for s in candidate[t].samples.values()])
+                        ).as_dict(),
+                    }
+                    for t in tasks
+                ],
+                "flips": {},
+            }
+        compared = [compare_task(t, candidate[t].metric, baseline[t].samples, candidate[t].samples) for t in tasks]
+        for comparison, adjusted in zip(compared, holm([c.mcnemar_p for c in compared]), strict=True):
+            comparison.holm_p = adjusted
+        return {
+            "samples": samples_file,
+            "tasks": [c.summary() for c in compared],
+            "flips": {c.task: c.flips for c in compared},
+        }
 
     # -- run ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -220,7 +308,8 @@ class Runner:
         for planned in self.planned:
             fid = self.fidelity(planned.stack) if self.pipeline.instruments.fidelity else None
             eq = self.equivalence(planned.stack)
-            findings = self.findings(fid, eq)
+            bench = self.benchmarks(planned.stack)
+            findings = self.findings(fid, eq, bench)
             verdict = worst_status([f.status for f in findings])
             stacks.append(
                 {
@@ -231,7 +320,11 @@ class Runner:
                     "lossless": planned.stack.lossless,
                     "instruments": {
                         k: v
-                        for k, v in (("fidelity", fid and _fidelity_view(fid)), ("equivalence", eq and eq["summary"]))
+                        for k, v in (
+                            ("fidelity", fid and _fidelity_view(fid)),
+                            ("equivalence", eq and eq["summary"]),
+                            ("benchmarks", bench),
+                        )
                         if v
                     },
                     "findings": [f.as_dict() for f in findings],

@@ -27,18 +27,54 @@ def _metric_cell(finding: dict[str, Any]) -> str:
     return f"{_fmt(finding['value'])}{interval}"
 
 
+def _worst_recovery(stack: dict[str, Any]) -> str:
+    """The benchmark task whose recovery interval reaches lowest, as `task value [low, high]`."""
+    found = [f for f in stack["findings"] if f["metric"] == "recovery"]
+    if not found:
+        return "-"
+    worst = min(found, key=lambda f: f["pessimistic"])
+    return f"{worst['instrument'].removeprefix('benchmarks.')} {_metric_cell(worst)}"
+
+
+def _benchmark_lines(report: dict[str, Any]) -> list[str]:
+    rows = [
+        (stack["name"], task)
+        for stack in report["stacks"]
+        for task in stack.get("instruments", {}).get("benchmarks", {}).get("tasks", [])
+        if "recovery" in task
+    ]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### Benchmarks (paired with the baseline, per document)",
+        "",
+        "| stack | task | accuracy baseline -> candidate | recovery [95%] | flips b / c | McNemar p (Holm) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, t in rows:
+        rec = t["recovery"]
+        lines.append(
+            f"| `{name}` | {t['task']} ({t['metric']}, n={t['n']}) | {_fmt(t['accuracy_baseline']['value'])} -> "
+            f"{_fmt(t['accuracy_candidate']['value'])} | {_fmt(rec['value'])} [{_fmt(rec['low'])}, "
+            f"{_fmt(rec['high'])}] | {t['flips_b']} / {t['flips_c']} | {_fmt(t['mcnemar_p'])} ({_fmt(t['holm_p'])}) |"
+        )
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"## qualgate: {report['pipeline']} — {ICON[report['verdict']]}", ""]
     lines += [
-        "| stack | verdict | KL mean [95%] | same top-1 [95%] | PPL ratio [95%] | real divergences | reasons |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| stack | verdict | KL mean [95%] | same top-1 [95%] | PPL ratio [95%] | real divergences | "
+        "worst recovery [95%] | reasons |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for stack in report["stacks"]:
         cells = {f["metric"]: _metric_cell(f) for f in stack["findings"]}
         lines.append(
             f"| `{stack['name']}` | {ICON[stack['verdict']]} | {cells.get('kl_mean', '-')} | "
             f"{cells.get('same_top1', '-')} | {cells.get('ppl_ratio', '-')} | "
-            f"{cells.get('real_divergences', '-')} | {'; '.join(stack['reasons']) or '-'} |"
+            f"{cells.get('real_divergences', '-')} | {_worst_recovery(stack)} | {'; '.join(stack['reasons']) or '-'} |"
         )
     compound = report["compound"]
     if compound["ladder"]:
@@ -56,6 +92,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(row['kl_mean']['vs_previous'])} | {_fmt(row['kl_mean']['interaction'])} | "
                 f"{_fmt(row['ln_ppl_ratio']['vs_baseline'])} | {_fmt(row['top1_loss']['vs_baseline'])} |"
             )
+    lines += _benchmark_lines(report)
     lines += _loose_bound_notes(report)
     lines.append("")
     return "\n".join(lines)
@@ -137,6 +174,7 @@ def print_report(report: dict[str, Any]) -> None:
         "same top-1 [95%]",
         "PPL ratio [95%]",
         "real div.",
+        "worst recovery [95%]",
         title=f"qualgate {report['pipeline']}: {ICON[report['verdict']]}",
     )
     for stack in report["stacks"]:
@@ -149,8 +187,9 @@ def print_report(report: dict[str, Any]) -> None:
             cells.get("same_top1", "-"),
             cells.get("ppl_ratio", "-"),
             cells.get("real_divergences", "-"),
+            _worst_recovery(stack),
         )
-    console = Console(width=160)
+    console = Console(width=200)
     console.print(table)
     for stack in report["stacks"]:
         for reason in stack["reasons"]:

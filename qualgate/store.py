@@ -64,6 +64,11 @@ class RunStore:
     def generations(self, key: str) -> JsonCheckpoint:
         return JsonCheckpoint(self.records.parent / "partial" / key)
 
+    def requests(self, key: str) -> JsonCheckpoint:
+        """Finished model requests (benchmarks), kept across units and reruns: the key is the identity
+        of what answers them (a stack's scoring or generation identity), never a name."""
+        return JsonCheckpoint(self.records.parent / "requests" / key)
+
     def chunks(self, key: str) -> NpzChunkCheckpoint:
         return NpzChunkCheckpoint(self.records.parent / "partial" / key)
 

@@ -63,6 +63,7 @@ class Session(ABC):
 
     stack: Stack
     capabilities: ClassVar[Capabilities] = Capabilities()
+    max_positions: int = 0  # the model's context length in tokens; 0 = unknown
 
     @property
     @abstractmethod
@@ -93,6 +94,10 @@ class Session(ABC):
         """Teacher-forced logprobs. block_size=None is one forward pass; an int feeds the tokens
         through the KV cache that many at a time (1 reproduces decoding exactly). `gather` [n-1, m]
         asks for the logprobs of given ids at every position (the reference's top-k, for KL)."""
+
+    def score_many(self, sequences: Sequence[Sequence[int]], block_size: int | None = None) -> list[ScoreResult]:
+        """Top-1 scores of many sequences (benchmark requests). Engines may batch; the default is one by one."""
+        return [self.score(ids, top_k=1, block_size=block_size) for ids in sequences]
 
     @abstractmethod
     def generate(

@@ -36,6 +36,11 @@ class HFBackend(Backend):
         return HFSession(stack)
 
 
+# Tokens per padded batch in score_many: large enough to amortize per-call overhead on CPU, small
+# enough that a batch's logits ([tokens, vocab] float32) stay a few hundred MB at a 32k vocabulary.
+BATCH_TOKENS = 4096
+
+
 class HFSession(Session):
     capabilities: ClassVar[Capabilities] = Capabilities(score=True, generate=True, max_top_k=None)
 
@@ -155,6 +160,53 @@ class HFSession(Session):
             block_size=block_size,
             gathered=gathered,
         )
+
+    def score_many(self, sequences: Sequence[Sequence[int]], block_size: int | None = None) -> list[ScoreResult]:
+        """Right-padded batches of similar length in one forward pass each (a quantized KV cache is read
+        block by block, so those stacks go one by one). Padding never reaches a real position: attention
+        is causal and the pads come last."""
+        import torch
+
+        if block_size is not None or self.kv_layer is not None:
+            return super().score_many(sequences, block_size)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        results: list[ScoreResult | None] = [None] * len(sequences)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            # Grow the batch while its padded size (count x the longest, the last) fits the budget.
+            while end < len(order) and (end - start + 1) * len(sequences[order[end]]) <= BATCH_TOKENS:
+                end += 1
+            batch = [[int(t) for t in sequences[i]] for i in order[start:end]]
+            width = max(len(ids) for ids in batch) - 1
+            for ids in batch:
+                if len(ids) < 2:
+                    raise ConfigError("score needs at least two tokens (one context token and one to predict)")
+                self._check_length(len(ids) - 1, "the scored sequence")
+            inputs = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, ids in enumerate(batch):
+                inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
+                mask[row, : len(ids) - 1] = 1
+            with torch.no_grad():
+                logits = self.model(input_ids=inputs, attention_mask=mask, use_cache=False).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for row, ids in enumerate(batch):
+                n = len(ids) - 1
+                lp = logprobs[row, :n]
+                targets = torch.tensor(ids[1:]).unsqueeze(1)
+                top = lp.topk(1, dim=-1)
+                top_logprobs = top.values.double()
+                results[order[start + row]] = ScoreResult(
+                    token_ids=np.asarray(ids, dtype=np.int64),
+                    logprobs=lp.gather(1, targets).squeeze(1).double().numpy(),
+                    top_ids=top.indices.numpy(),
+                    top_logprobs=top_logprobs.numpy(),
+                    tail_mass=(1.0 - top_logprobs.exp().sum(dim=-1)).clamp(min=0.0).numpy(),
+                    block_size=None,
+                )
+            start = end
+        return [r for r in results if r is not None]
 
     def generate(
         self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64, top_k: int = 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,21 @@ def _divergence_table(divergences: list[dict[str, Any]]) -> Any:
     return pd.DataFrame([{c: d.get(c) for c in columns} for d in divergences], columns=columns)
 
 
+def _benchmark_samples(path: Path) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    if not path.is_file():
+        return []
+    tasks = json.loads(path.read_text(encoding="utf-8"))
+    return [{"task": t["task"], "table": pd.DataFrame(t["samples"])} for t in tasks]
+
+
+def _flips_table(flips: list[dict[str, Any]]) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(flips, columns=["task", "doc_id", "kind", "baseline", "candidate"])
+
+
 def upload(run_dir: Path, report: dict[str, Any], state: TrackingState, uri: str, experiment: str) -> tuple[str, bool]:
     """Log RUN_DIR to MLflow (once; see Tracker.upload) and record the outcome in tracking.json."""
     state.uri, state.experiment = uri, experiment
@@ -89,6 +105,13 @@ def upload(run_dir: Path, report: dict[str, Any], state: TrackingState, uri: str
                 tracker.log_table(
                     child_id, _divergence_table(equivalence.get("divergences", [])), "tables/divergences.json"
                 )
+            benchmarks = stack["instruments"].get("benchmarks")
+            if benchmarks is not None:
+                for task in _benchmark_samples(run_dir / benchmarks["samples"]):
+                    tracker.log_table(child_id, task["table"], f"tables/benchmarks_{task['task']}.json")
+                flips = [{"task": t, **f} for t, rows in benchmarks.get("flips", {}).items() for f in rows]
+                tracker.log_table(child_id, _flips_table(flips), "tables/benchmark_flips.json")
+                tracker.log_artifact(child_id, run_dir / benchmarks["samples"], "samples")
             tracker.log_datasets(child_id, report["provenance"].get("data", []), Path.cwd())
 
     try:

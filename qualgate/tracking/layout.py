@@ -125,6 +125,16 @@ def stack_spec(stack: dict[str, Any], compound_row: dict[str, Any] | None, commo
             spec.metric(f"equivalence/{name}", equivalence.get(name), step)
         _numeric_tree(spec, "equivalence", equivalence.get("layer_stats", {}), step)
         spec.params["equivalence.reference"] = short(equivalence.get("reference"))
+    benchmarks = stack["instruments"].get("benchmarks")
+    for task in (benchmarks or {}).get("tasks", []):
+        prefix = f"benchmarks/{task['task']}"
+        for name in ("accuracy_baseline", "accuracy_candidate", "difference", "recovery"):
+            if name in task:
+                spec.metric(f"{prefix}/{name}", task[name].get("value"), step)
+                spec.metric(f"{prefix}/{name}_low", task[name].get("low"), step)
+                spec.metric(f"{prefix}/{name}_high", task[name].get("high"), step)
+        for name in ("flips_b", "flips_c", "flip_rate", "mcnemar_p", "holm_p", "n"):
+            spec.metric(f"{prefix}/{name}", task.get(name), step)
     if compound_row:
         for metric in ("kl_mean", "ln_ppl_ratio", "top1_loss"):
             for part in COMPOUND_PARTS:
