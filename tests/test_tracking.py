@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from helpers import REPO, pipeline_file, run_pipeline
 from mlflow_server import MlflowServer, free_port
 
@@ -159,6 +160,10 @@ def logged(server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> di
     tmp = tmp_path_factory.mktemp("logged")
     os.chdir(REPO)
     path = pipeline_file(tmp, LAYERS, tracking={"experiment": "qg-test"})
+    data = yaml.safe_load(path.read_text())
+    data["instruments"]["benchmarks"] = {"tasks": ["qg_cloze"], "limit": 20}
+    data["gate"] = {"recovery": {"warn": 0.3, "fail": 0.1}}  # 20 documents resolve little; not gated here
+    path.write_text(yaml.safe_dump(data, sort_keys=False))  # the layer order is the ladder order
     code = run_pipeline(path, tmp / "run", "--tracking-uri", server.url)
     return {"code": code, "run_dir": tmp / "run", "pipeline": path, "state": TrackingState.load(tmp / "run")}
 
@@ -210,7 +215,14 @@ def test_run_tree_params_metrics_steps_and_artifacts(server: MlflowServer, logge
         Path(client.download_artifacts(w8.info.run_id, "tables/fidelity_tokens.json", str(run_dir / "dl"))).read_text()
     )
     assert "kl" in table["columns"] and len(table["data"]) == stack["instruments"]["fidelity"]["n_tokens"]
-    assert {a.path for a in client.list_artifacts(spec.info.run_id, "tables")} >= {"tables/divergences.json"}
+    assert {a.path for a in client.list_artifacts(spec.info.run_id, "tables")} >= {
+        "tables/divergences.json",
+        "tables/benchmarks_qg_cloze.json",
+        "tables/benchmark_flips.json",
+    }
+    task = next(t for t in stack["instruments"]["benchmarks"]["tasks"] if t["task"] == "qg_cloze")
+    assert w8.data.metrics["benchmarks/qg_cloze/recovery_low"] == pytest.approx(task["recovery"]["low"])
+    assert w8.data.metrics["benchmarks/qg_cloze/flips_b"] == task["flips_b"]
     datasets = {d.dataset.name: d.dataset.digest for d in parent.inputs.dataset_inputs}
     assert datasets["domain-text"] == report["provenance"]["golden"]["text"]["sha256"][:16] and "general" in datasets
 
