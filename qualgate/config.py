@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from qualgate.errors import ConfigError
 from qualgate.instruments.benchmarks.config import BenchmarksConfig
 from qualgate.instruments.equivalence import EquivalenceConfig
+from qualgate.instruments.judge.config import JudgeConfig
 from qualgate.layers import Layer, build_layer
 from qualgate.models import ModelSpec
 from qualgate.registry import did_you_mean
@@ -60,6 +61,7 @@ class Instruments(Strict):
     fidelity: FidelityInstrument | None = None
     equivalence: EquivalenceInstrument | None = None
     benchmarks: BenchmarksConfig | None = None
+    judge: JudgeConfig | None = None
 
 
 class TrackingConfig(Strict):
@@ -83,6 +85,7 @@ def default_gate() -> dict[str, Threshold]:
         "ppl_ratio": Threshold(warn=1.15, fail=1.30),
         "real_divergences": Threshold(fail=0),
         "recovery": Threshold(warn=0.99, fail=0.97),
+        "net_loss": Threshold(warn=0.05, fail=0.10),
     }
 
 
@@ -101,7 +104,7 @@ class Pipeline(Strict):
         return {name: build_layer(spec, where=f"{where}: layers.{name}") for name, spec in self.layers.items()}
 
 
-GATE_METRICS = ("kl_mean", "same_top1", "ppl_ratio", "real_divergences", "recovery")
+GATE_METRICS = ("kl_mean", "same_top1", "ppl_ratio", "real_divergences", "recovery", "net_loss")
 
 
 def load_pipeline(path: Path) -> Pipeline:
@@ -153,4 +156,6 @@ def _paths(pipeline: Pipeline) -> list[str]:
         paths.extend(pipeline.instruments.equivalence.prompts)
     if pipeline.instruments.benchmarks is not None:
         paths.extend(pipeline.instruments.benchmarks.include)
+    if pipeline.instruments.judge is not None:
+        paths.append(pipeline.instruments.judge.prompts)
     return paths

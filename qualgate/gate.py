@@ -17,6 +17,7 @@ METRIC_DIRECTION: dict[str, bool] = {
     "same_top1": False,
     "real_divergences": True,
     "recovery": False,
+    "net_loss": True,
 }
 
 

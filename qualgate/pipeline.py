@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ from qualgate.instruments.equivalence import (
     without_generation_layers,
 )
 from qualgate.instruments.fidelity import compare, score_text
+from qualgate.instruments.judge.client import JudgeClient, judge_identity
+from qualgate.instruments.judge.run import answers as judge_answers
+from qualgate.instruments.judge.run import load_prompts as load_judge_prompts
+from qualgate.instruments.judge.run import run_judge
 from qualgate.plan import PlannedStack, plan
 from qualgate.stack import Stack
 from qualgate.stats import proportion
@@ -170,7 +175,11 @@ class Runner:
 
     # -- gate ---------------------------------------------------------------------------------------
     def findings(
-        self, fidelity: dict[str, Any] | None, equivalence: dict[str, Any] | None, benchmarks: dict[str, Any] | None
+        self,
+        fidelity: dict[str, Any] | None,
+        equivalence: dict[str, Any] | None,
+        benchmarks: dict[str, Any] | None,
+        judged: dict[str, Any] | None = None,
     ) -> list[Finding]:
         gate = self.pipeline.gate
         found: list[Finding] = []
@@ -206,6 +215,17 @@ class Runner:
                 t = gate.get("recovery")
                 finding = Finding(f"benchmarks.{task['task']}", "recovery", est["value"], est["low"], est["high"])
                 found.append(judge(finding, t.warn if t else None, t.fail if t else None))
+        if judged is not None and "pairwise" in judged:
+            est = judged["pairwise"]["net_loss"]
+            finding = Finding("judge", "net_loss", est["value"], est["low"], est["high"])
+            validity = judged.get("validity", {"valid": True, "reasons": []})
+            if not validity["valid"]:
+                # A biased judge's verdict is neither a pass nor a fail (METRICS.md): say so, loudly.
+                reason = "; ".join(validity["reasons"])
+                found.append(replace(finding, status="warn", reason=f"net_loss invalid: {reason}"))
+            else:
+                t = gate.get("net_loss")
+                found.append(judge(finding, t.warn if t else None, t.fail if t else None))
         return found
 
     def data_provenance(self, golden_manifest: dict[str, Any] | None) -> list[dict[str, str]]:
@@ -223,6 +243,10 @@ class Runner:
             data.append(
                 {"name": Path(path).stem, "role": "equivalence", "source": path, "sha256": file_sha256(Path(path))}
             )
+        judge_inst = self.pipeline.instruments.judge
+        if judge_inst is not None:
+            prompts = Path(judge_inst.prompts)
+            data.append({"name": prompts.stem, "role": "judge", "source": str(prompts), "sha256": file_sha256(prompts)})
         benchmarks = self.pipeline.instruments.benchmarks
         for directory in benchmarks.include if benchmarks else []:
             data.append(
@@ -299,6 +323,48 @@ class Runner:
             "flips": {c.task: c.flips for c in compared},
         }
 
+    # -- judge --------------------------------------------------------------------------------------
+    def judge_answers(self, stack: Stack) -> list[str]:
+        inst = self.pipeline.instruments.judge
+        assert inst is not None
+        key, record = self._lookup(
+            {
+                "instrument": "judge-answers",
+                "stack": stack.identity(),
+                "prompts": file_sha256(Path(inst.prompts)),
+                "max_answer_tokens": inst.max_answer_tokens,
+            }
+        )
+        if record is None:
+            prompts = load_judge_prompts(Path(inst.prompts))
+            with open_session(stack, self.pipeline.backend.name, **self.pipeline.backend.options) as session:
+                record = {"stack": stack.name, "answers": judge_answers(session, prompts, inst.max_answer_tokens)}
+            self.store.put(key, record)
+            self.computed += 1
+        return list(record["answers"])
+
+    def judge(self, stack: Stack) -> dict[str, Any] | None:
+        """The stack's answers against the baseline's, judged (with the baseline-vs-baseline control).
+        Each judgment is cached as it finishes, so a dead endpoint loses none of them."""
+        inst = self.pipeline.instruments.judge
+        if inst is None or not stack.layers:
+            return None
+        baseline = self.judge_answers(Stack(model=self.pipeline.model))
+        candidate = self.judge_answers(stack)
+        identity = judge_identity(inst)
+        settings = inst.model_dump(include={"protocols", "bootstrap", "control", "parse_retries"})
+        key, record = self._lookup(
+            {"instrument": "judge", "judge": identity, "settings": settings, "answers": [baseline, candidate]}
+        )
+        if record is not None:
+            return dict(record["summary"])
+        client = JudgeClient(inst, cache=self.store.requests(identity_key({"judge": identity})))
+        progress = self.on_progress(f"judge {stack.name}") if self.on_progress else None
+        summary = run_judge(inst, client, load_judge_prompts(Path(inst.prompts)), baseline, candidate, progress)
+        self.store.put(key, {"stack": stack.name, "summary": summary})
+        self.computed += 1
+        return summary
+
     # -- run ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.check_gate_against_noise_floor()
@@ -309,7 +375,8 @@ class Runner:
             fid = self.fidelity(planned.stack) if self.pipeline.instruments.fidelity else None
             eq = self.equivalence(planned.stack)
             bench = self.benchmarks(planned.stack)
-            findings = self.findings(fid, eq, bench)
+            judged = self.judge(planned.stack)
+            findings = self.findings(fid, eq, bench, judged)
             verdict = worst_status([f.status for f in findings])
             stacks.append(
                 {
@@ -324,6 +391,7 @@ class Runner:
                             ("fidelity", fid and _fidelity_view(fid)),
                             ("equivalence", eq and eq["summary"]),
                             ("benchmarks", bench),
+                            ("judge", judged),
                         )
                         if v
                     },

@@ -62,6 +62,35 @@ def _benchmark_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _judge_lines(report: dict[str, Any]) -> list[str]:
+    rows = [(s["name"], s["instruments"]["judge"]) for s in report["stacks"] if "judge" in s.get("instruments", {})]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### Judge (pairwise in both orders; an order-dependent verdict is a tie)",
+        "",
+        "| stack | win / tie / loss | net loss [95%] | position consistency | length delta | single-grade delta "
+        "(Wilcoxon p) | control / validity |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, j in rows:
+        p = j.get("pairwise", {})
+        net = p.get("net_loss", {})
+        single = j.get("single")
+        grade = f"{_fmt(single['mean_delta']['value'])} ({_fmt(single['wilcoxon_p'])})" if single else "-"
+        control = j.get("control")
+        valid = j.get("validity", {}).get("valid", True)
+        lines.append(
+            f"| `{name}` | {p.get('win', '-')} / {p.get('tie', '-')} / {p.get('loss', '-')} | "
+            f"{_fmt(net.get('value'))} [{_fmt(net.get('low'))}, {_fmt(net.get('high'))}] | "
+            f"{_fmt(p.get('position_consistency'))} | {_fmt(p.get('length_delta'))} | {grade} | "
+            f"{('even' if control['valid'] else 'UNEVEN') if control else '-'}"
+            f"{'' if valid else ' — finding INVALID: ' + '; '.join(j['validity']['reasons'])} |"
+        )
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"## qualgate: {report['pipeline']} — {ICON[report['verdict']]}", ""]
     lines += [
@@ -93,6 +122,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(row['ln_ppl_ratio']['vs_baseline'])} | {_fmt(row['top1_loss']['vs_baseline'])} |"
             )
     lines += _benchmark_lines(report)
+    lines += _judge_lines(report)
     lines += _loose_bound_notes(report)
     lines.append("")
     return "\n".join(lines)

@@ -7,7 +7,6 @@ is at most eps, it is a near-tie (numerics, reported); anything else is a real d
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from qualgate.errors import ConfigError
+from qualgate.jsonl import read_prompt_rows
 from qualgate.layers import LayerKind
 
 if TYPE_CHECKING:
@@ -41,22 +41,7 @@ class Prompt:
 
 def load_prompts(path: Path) -> list[Prompt]:
     """JSONL with an `id` and a `prompt` per line."""
-    if not path.is_file():
-        raise ConfigError(f"prompt set '{path}' does not exist")
-    prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{number}: not valid JSON ({exc})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ConfigError(f"{path}:{number}: each line needs a string field 'prompt' (and an 'id')")
-        prompts.append(Prompt(str(row.get("id", f"{path.stem}-{number}")), row["prompt"]))
-    if not prompts:
-        raise ConfigError(f"prompt set '{path}' is empty")
-    return prompts
+    return [Prompt(str(row.get("id", f"{path.stem}-{n}")), row["prompt"]) for n, row in read_prompt_rows(path)]
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,25 @@ def stack_spec(stack: dict[str, Any], compound_row: dict[str, Any] | None, commo
                 spec.metric(f"{prefix}/{name}_high", task[name].get("high"), step)
         for name in ("flips_b", "flips_c", "flip_rate", "mcnemar_p", "holm_p", "n"):
             spec.metric(f"{prefix}/{name}", task.get(name), step)
+    judged = stack["instruments"].get("judge")
+    if judged:
+        pairwise = judged.get("pairwise", {})
+        for name in ("win", "tie", "loss", "unparsed", "position_consistency", "length_delta"):
+            spec.metric(f"judge/{name}", pairwise.get(name), step)
+        if "net_loss" in pairwise:
+            for part, suffix in (("value", ""), ("low", "_low"), ("high", "_high")):
+                spec.metric(f"judge/net_loss{suffix}", pairwise["net_loss"][part], step)
+        for kind in ("single", "reference"):
+            if kind in judged:
+                spec.metric(f"judge/{kind}_mean_delta", judged[kind]["mean_delta"]["value"], step)
+                spec.metric(f"judge/{kind}_wilcoxon_p", judged[kind]["wilcoxon_p"], step)
+        if "control" in judged:
+            spec.metric("judge/control_valid", judged["control"]["valid"], step)
+            spec.metric("judge/control_net_loss", judged["control"]["net_loss"]["value"], step)
+        if "validity" in judged:
+            spec.metric("judge/valid", judged["validity"]["valid"], step)
+        spec.params["judge.model"] = short(judged["judge"]["model"])
+        spec.params["judge.template"] = short(judged["judge"]["template"])
     if compound_row:
         for metric in ("kl_mean", "ln_ppl_ratio", "top1_loss"):
             for part in COMPOUND_PARTS:

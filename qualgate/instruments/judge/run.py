@@ -1,0 +1,129 @@
+"""Judge a candidate stack's answers against the baseline's on the domain prompt set."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qualgate.backends.base import Session
+from qualgate.instruments.judge import protocols
+from qualgate.instruments.judge.client import JudgeClient
+from qualgate.instruments.judge.config import JudgeConfig
+from qualgate.instruments.judge.stats import combine, grade_summary, pairwise_summary
+from qualgate.jsonl import read_prompt_rows
+
+
+@dataclass(frozen=True)
+class JudgePrompt:
+    id: str
+    prompt: str
+    reference: str | None = None
+
+
+def load_prompts(path: Path) -> list[JudgePrompt]:
+    """JSONL: `id`, `prompt` and an optional `reference` answer per line."""
+    return [
+        JudgePrompt(str(row.get("id", f"{path.stem}-{n}")), row["prompt"], row.get("reference"))
+        for n, row in read_prompt_rows(path, "judge prompts")
+    ]
+
+
+def answers(session: Session, prompts: list[JudgePrompt], max_tokens: int) -> list[str]:
+    """Greedy answers of one stack (the judge compares text; generation goes through every layer)."""
+    return [g.text for g in session.generate([p.prompt for p in prompts], max_new_tokens=max_tokens, top_k=1)]
+
+
+def nonce(*parts: str) -> str:
+    """Per-request fence marker: deterministic (so judgments cache), unknowable to the answers."""
+    return "QG" + hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:12]
+
+
+def _pairwise_outcomes(
+    client: JudgeClient, prompts: list[JudgePrompt], base: list[str], cand: list[str], progress: Any
+) -> list[tuple[str, bool]]:
+    requests = []
+    for p, a, b in zip(prompts, base, cand, strict=True):
+        marker = nonce(p.prompt, a, b)
+        requests += [protocols.pairwise(p.prompt, a, b, marker), protocols.pairwise(p.prompt, b, a, marker)]
+    verdicts = client.judge_all(requests, progress)
+    return [combine(verdicts[2 * i]["verdict"], verdicts[2 * i + 1]["verdict"]) for i in range(len(prompts))]
+
+
+def _grades(client: JudgeClient, prompts: list[JudgePrompt], texts: list[str], kind: str, progress: Any) -> list[Any]:
+    if kind == "single":
+        requests = [protocols.single(p.prompt, t, nonce(p.prompt, t)) for p, t in zip(prompts, texts, strict=True)]
+    else:
+        requests = [
+            protocols.reference(p.prompt, t, p.reference or "", nonce(p.prompt, t, p.reference or ""))
+            for p, t in zip(prompts, texts, strict=True)
+        ]
+    return [r["verdict"] for r in client.judge_all(requests, progress)]
+
+
+def run_judge(
+    config: JudgeConfig,
+    client: JudgeClient,
+    prompts: list[JudgePrompt],
+    baseline: list[str],
+    candidate: list[str],
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    summary: dict[str, Any] = {"judge": {k: v for k, v in client.identity.items()}, "n_prompts": len(prompts)}
+    seed = config.seed
+    if "pairwise" in config.protocols:
+        outcomes = _pairwise_outcomes(client, prompts, baseline, candidate, on_progress)
+        deltas = [len(c) - len(b) for b, c in zip(baseline, candidate, strict=True)]
+        summary["pairwise"] = pairwise_summary(outcomes, deltas, config.bootstrap, seed).as_dict()
+        summary["per_prompt"] = [
+            {"id": p.id, "outcome": o, "consistent": c, "baseline": b[:200], "candidate": a[:200]}
+            for p, (o, c), b, a in zip(prompts, outcomes, baseline, candidate, strict=True)
+        ]
+    for kind in ("single", "reference"):
+        if kind not in config.protocols:
+            continue
+        chosen = [i for i, p in enumerate(prompts) if kind == "single" or p.reference]
+        if not chosen:
+            continue
+        subset = [prompts[i] for i in chosen]
+        base = _grades(client, subset, [baseline[i] for i in chosen], kind, on_progress)
+        cand = _grades(client, subset, [candidate[i] for i in chosen], kind, on_progress)
+        summary[kind] = grade_summary(base, cand, config.bootstrap, seed)
+    if config.control:
+        control = _pairwise_outcomes(client, prompts, baseline, baseline, on_progress)
+        result = pairwise_summary(control, [0] * len(control), config.bootstrap, seed + 1)
+        net = result.net_loss
+        valid = not (net.low > 0 or net.high < 0)
+        summary["control"] = {
+            **result.as_dict(),
+            "valid": valid,
+            "reason": "baseline against itself comes out even"
+            if valid
+            else f"baseline against itself: net loss {net.value:.3g} [{net.low:.3g}, {net.high:.3g}] excludes 0",
+        }
+    summary["unparseable"] = client.unparseable
+    summary["validity"] = validity(config, summary)
+    return summary
+
+
+def validity(config: JudgeConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """Whether the judge measured the answers at all. A judge that mostly follows the position turns
+    every verdict into a tie and would 'pass' any stack; an uneven control or many unparseable
+    verdicts likewise void the finding (reported as invalid, never as pass or fail)."""
+    reasons = []
+    control = summary.get("control")
+    if control is not None and not control["valid"]:
+        reasons.append(control["reason"])
+    pairwise = summary.get("pairwise")
+    if pairwise is not None:
+        consistency = pairwise["position_consistency"]
+        if not consistency >= config.min_consistency:  # NaN (nothing parsed) is invalid too
+            reasons.append(
+                f"position consistency {consistency:.2f} < {config.min_consistency:g}: the verdicts follow the order"
+            )
+        asked = pairwise["n"] + pairwise["unparsed"]
+        if asked and pairwise["unparsed"] / asked > config.max_unparseable:
+            reasons.append(f"{pairwise['unparsed']} of {asked} pairwise verdicts unparseable")
+    return {"valid": not reasons, "reasons": reasons}
