@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,24 +195,30 @@ def test_judge_end_to_end_on_a_real_server(server: Any, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_dead_endpoint_exits_3_and_resume_finishes(server: Any, judge_model: Path, tmp_path: Path) -> None:
+    """The judge server is SIGKILLed while the run is judging: exit 3 naming the endpoint, every
+    finished judgment kept; with the server back, the rerun judges only the rest and finishes."""
     from llama_server import LlamaServer
 
     path = _judge_pipeline(tmp_path, server.url, max_retries=1, concurrency=1)
-    # A finished run, then half of its judgments forgotten and the endpoint gone: the state of a run
-    # whose endpoint died half way.
-    assert run_pipeline(path, tmp_path / "run", "--no-tracking") in (0, 1)
-    requests = list((tmp_path / "run" / "requests").rglob("*.json"))
-    keep = len(requests) // 2
-    for extra in requests[keep:]:
-        extra.unlink()
-    shutil.rmtree(tmp_path / "run" / "records")
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "qualgate", "run", str(path), "--out", str(out), "--no-tracking"]
+    run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(list((out / "requests").rglob("*.json"))) < 8 and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.1)
     server.stop()
-    assert run_pipeline(path, tmp_path / "run", "--no-tracking") == 3
-    assert len(list((tmp_path / "run" / "requests").rglob("*.json"))) >= keep, "finished judgments are kept"
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 3, stderr
+    assert f"judge endpoint {server.url} failed" in stderr and "finished judgments are kept" in stderr
+    kept = len(list((out / "requests").rglob("*.json")))
+    assert kept >= 8 and not (out / "report.json").exists()
     revived = LlamaServer(judge_model, tmp_path / "llama2.log", port=server.port).start()
     try:
-        assert run_pipeline(path, tmp_path / "run", "--no-tracking") in (0, 1)
-        assert (tmp_path / "run" / "report.json").is_file()
+        assert run_pipeline(path, out, "--no-tracking") in (0, 1)
+        report = json.loads((out / "report.json").read_text())
+        w2 = next(s for s in report["stacks"] if s["name"] == "w2g128")
+        assert w2["instruments"]["judge"]["pairwise"]["n"] == 16
+        assert len(list((out / "requests").rglob("*.json"))) > kept
     finally:
         revived.stop()
 
