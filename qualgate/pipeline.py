@@ -359,8 +359,9 @@ class Runner:
         if record is not None:
             return dict(record["summary"])
         client = JudgeClient(inst, cache=self.store.requests(identity_key({"judge": identity})))
-        progress = self.on_progress(f"judge {stack.name}") if self.on_progress else None
-        summary = run_judge(inst, client, load_judge_prompts(Path(inst.prompts)), baseline, candidate, progress)
+        on_progress = self.on_progress
+        phases = (lambda phase: on_progress(f"judge {stack.name} {phase}")) if on_progress else None
+        summary = run_judge(inst, client, load_judge_prompts(Path(inst.prompts)), baseline, candidate, phases)
         self.store.put(key, {"stack": stack.name, "summary": summary})
         self.computed += 1
         return summary

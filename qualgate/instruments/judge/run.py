@@ -69,12 +69,16 @@ def run_judge(
     prompts: list[JudgePrompt],
     baseline: list[str],
     candidate: list[str],
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[str], Callable[[int, int], None]] | None = None,
 ) -> dict[str, Any]:
+    def bar(phase: str) -> Callable[[int, int], None] | None:
+        """One progress bar per phase (a bar closes when it reaches its total)."""
+        return on_progress(phase) if on_progress else None
+
     summary: dict[str, Any] = {"judge": {k: v for k, v in client.identity.items()}, "n_prompts": len(prompts)}
     seed = config.seed
     if "pairwise" in config.protocols:
-        outcomes = _pairwise_outcomes(client, prompts, baseline, candidate, on_progress)
+        outcomes = _pairwise_outcomes(client, prompts, baseline, candidate, bar("pairwise"))
         deltas = [len(c) - len(b) for b, c in zip(baseline, candidate, strict=True)]
         summary["pairwise"] = pairwise_summary(outcomes, deltas, config.bootstrap, seed).as_dict()
         summary["per_prompt"] = [
@@ -88,11 +92,11 @@ def run_judge(
         if not chosen:
             continue
         subset = [prompts[i] for i in chosen]
-        base = _grades(client, subset, [baseline[i] for i in chosen], kind, on_progress)
-        cand = _grades(client, subset, [candidate[i] for i in chosen], kind, on_progress)
+        base = _grades(client, subset, [baseline[i] for i in chosen], kind, bar(f"{kind} baseline"))
+        cand = _grades(client, subset, [candidate[i] for i in chosen], kind, bar(f"{kind} candidate"))
         summary[kind] = grade_summary(base, cand, config.bootstrap, seed)
     if config.control:
-        control = _pairwise_outcomes(client, prompts, baseline, baseline, on_progress)
+        control = _pairwise_outcomes(client, prompts, baseline, baseline, bar("control"))
         result = pairwise_summary(control, [0] * len(control), config.bootstrap, seed + 1)
         net = result.net_loss
         valid = not (net.low > 0 or net.high < 0)
