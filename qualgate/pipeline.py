@@ -73,6 +73,9 @@ class Runner:
         self.planned = plan(pipeline, self.layers)
         self._golden: tuple[Any, ...] | None = None
         self._task_manager: Any = None
+        # Every stack is compared with the same unoptimized model: its results are read once per run.
+        self._baseline_benchmarks: dict[str, TaskResult] | None = None
+        self._baseline_answers: list[str] | None = None
 
     def _lookup(self, identity: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         """The store key of a unit of work (its identity plus the backend) and its record, if finished."""
@@ -174,6 +177,11 @@ class Runner:
         return record
 
     # -- gate ---------------------------------------------------------------------------------------
+    def _gated(self, finding: Finding) -> Finding:
+        """The finding judged against the pipeline's thresholds for its metric (none: it passes)."""
+        tiers = self.pipeline.gate.get(finding.metric)
+        return judge(finding, tiers.warn if tiers else None, tiers.fail if tiers else None)
+
     def findings(
         self,
         fidelity: dict[str, Any] | None,
@@ -181,20 +189,16 @@ class Runner:
         benchmarks: dict[str, Any] | None,
         judged: dict[str, Any] | None = None,
     ) -> list[Finding]:
-        gate = self.pipeline.gate
         found: list[Finding] = []
         if fidelity is not None:
             s = fidelity["summary"]
             for metric in ("kl_mean", "ppl_ratio", "same_top1"):
                 est = s[metric]
-                finding = Finding("fidelity", metric, est["value"], est["low"], est["high"])
-                t = gate.get(metric)
-                found.append(judge(finding, t.warn if t else None, t.fail if t else None))
+                found.append(self._gated(Finding("fidelity", metric, est["value"], est["low"], est["high"])))
         if equivalence is not None:
             s = equivalence["summary"]
-            t = gate.get("real_divergences")
-            finding = Finding("equivalence", "real_divergences", float(s["real_divergences"]), None, None)
-            found.append(judge(finding, t.warn if t else None, t.fail if t else None))
+            divergences = float(s["real_divergences"])
+            found.append(self._gated(Finding("equivalence", "real_divergences", divergences, None, None)))
             if s["problems"]:
                 found.append(
                     Finding(
@@ -212,9 +216,8 @@ class Runner:
         for task in (benchmarks or {}).get("tasks", []):
             if "recovery" in task:
                 est = task["recovery"]
-                t = gate.get("recovery")
-                finding = Finding(f"benchmarks.{task['task']}", "recovery", est["value"], est["low"], est["high"])
-                found.append(judge(finding, t.warn if t else None, t.fail if t else None))
+                instrument = f"benchmarks.{task['task']}"
+                found.append(self._gated(Finding(instrument, "recovery", est["value"], est["low"], est["high"])))
         if judged is not None and "pairwise" in judged:
             est = judged["pairwise"]["net_loss"]
             finding = Finding("judge", "net_loss", est["value"], est["low"], est["high"])
@@ -224,8 +227,7 @@ class Runner:
                 reason = "; ".join(validity["reasons"])
                 found.append(replace(finding, status="warn", reason=f"net_loss invalid: {reason}"))
             else:
-                t = gate.get("net_loss")
-                found.append(judge(finding, t.warn if t else None, t.fail if t else None))
+                found.append(self._gated(finding))
         return found
 
     def data_provenance(self, golden_manifest: dict[str, Any] | None) -> list[dict[str, str]]:
@@ -239,24 +241,18 @@ class Runner:
             data.append(
                 {"name": "golden", "role": "fidelity", "source": fidelity.golden, "sha256": self._golden_data()[4]}
             )
+
+        def on_disk(name: str, role: str, path: str) -> dict[str, str]:
+            return {"name": name, "role": role, "source": path, "sha256": file_sha256(Path(path))}
+
         for path in equivalence.prompts if equivalence else []:
-            data.append(
-                {"name": Path(path).stem, "role": "equivalence", "source": path, "sha256": file_sha256(Path(path))}
-            )
+            data.append(on_disk(Path(path).stem, "equivalence", path))
         judge_inst = self.pipeline.instruments.judge
         if judge_inst is not None:
-            prompts = Path(judge_inst.prompts)
-            data.append({"name": prompts.stem, "role": "judge", "source": str(prompts), "sha256": file_sha256(prompts)})
+            data.append(on_disk(Path(judge_inst.prompts).stem, "judge", judge_inst.prompts))
         benchmarks = self.pipeline.instruments.benchmarks
         for directory in benchmarks.include if benchmarks else []:
-            data.append(
-                {
-                    "name": f"tasks-{Path(directory).name}",
-                    "role": "benchmarks",
-                    "source": directory,
-                    "sha256": file_sha256(Path(directory)),
-                }
-            )
+            data.append(on_disk(f"tasks-{Path(directory).name}", "benchmarks", directory))
         return data
 
     # -- benchmarks -------------------------------------------------------------------------------
@@ -295,7 +291,9 @@ class Runner:
         """Per-task paired comparison of `stack` with the unoptimized model (Holm across tasks)."""
         if self.pipeline.instruments.benchmarks is None:
             return None
-        _, baseline = self.benchmark_results(Stack(model=self.pipeline.model))
+        if self._baseline_benchmarks is None:
+            _, self._baseline_benchmarks = self.benchmark_results(Stack(model=self.pipeline.model))
+        baseline = self._baseline_benchmarks
         samples_file, candidate = self.benchmark_results(stack)
         tasks = list(candidate)
         if not stack.layers:
@@ -349,10 +347,14 @@ class Runner:
         inst = self.pipeline.instruments.judge
         if inst is None or not stack.layers:
             return None
-        baseline = self.judge_answers(Stack(model=self.pipeline.model))
+        if self._baseline_answers is None:
+            self._baseline_answers = self.judge_answers(Stack(model=self.pipeline.model))
+        baseline = self._baseline_answers
         candidate = self.judge_answers(stack)
         identity = judge_identity(inst)
-        settings = inst.model_dump(include={"protocols", "bootstrap", "control", "parse_retries"})
+        # Everything that shapes the summary (protocols, resamples, validity rules); not the transport
+        # (timeouts, retries, concurrency, the key's variable), which only decides how it is fetched.
+        settings = inst.model_dump(exclude={"timeout", "max_retries", "concurrency", "api_key_env"})
         key, record = self._lookup(
             {"instrument": "judge", "judge": identity, "settings": settings, "answers": [baseline, candidate]}
         )

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-from mlflow_server import free_port
+from server_process import ServerProcess
 
 
-class LlamaServer:
+class LlamaServer(ServerProcess):
+    name = "llama.cpp server"
+
     def __init__(self, model: Path, log: Path, port: int | None = None, alias: str = "judge") -> None:
+        super().__init__(log, port)
         self.model = model
-        self.log = log
-        self.port = port or free_port()
         self.alias = alias
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 120.0) -> LlamaServer:
         command = [
@@ -30,23 +26,10 @@ class LlamaServer:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--n_ctx", "1024", "--n_threads", "2", "--seed", "0", "--chat_format", "chatml",
         ]  # fmt: skip
-        handle = self.log.open("ab")
-        self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llama.cpp server exited: {self.log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/models", timeout=2) as response:
-                    if json.loads(response.read())["data"]:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"llama.cpp server on {self.url} did not come up within {timeout:.0f}s")
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-        self.process = None
+        def ready() -> bool:
+            with urllib.request.urlopen(self.url + "/models", timeout=2) as response:
+                return bool(json.loads(response.read())["data"])
+
+        self.launch(command, ready, timeout)
+        return self

@@ -36,6 +36,30 @@ class HFBackend(Backend):
         return HFSession(stack)
 
 
+def _score_result(
+    ids: list[int], logprobs: Any, top_k: int, block_size: int | None, gather: np.ndarray | None = None
+) -> ScoreResult:
+    """A ScoreResult from the [n-1, vocab] float32 logprobs after each of ids[:-1]; the kept values are
+    widened to float64 (a full-vocabulary float64 copy would cost more than the forward pass)."""
+    import torch
+
+    targets = torch.tensor(ids[1:]).unsqueeze(1)
+    top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+    top_logprobs = top.values.double()
+    gathered = None
+    if gather is not None:
+        gathered = logprobs.gather(1, torch.as_tensor(gather, dtype=torch.long)).double().numpy()
+    return ScoreResult(
+        token_ids=np.asarray(ids, dtype=np.int64),
+        logprobs=logprobs.gather(1, targets).squeeze(1).double().numpy(),
+        top_ids=top.indices.numpy(),
+        top_logprobs=top_logprobs.numpy(),
+        tail_mass=(1.0 - top_logprobs.exp().sum(dim=-1)).clamp(min=0.0).numpy(),
+        block_size=block_size,
+        gathered=gathered,
+    )
+
+
 # Tokens per padded batch in score_many: large enough to amortize per-call overhead on CPU, small
 # enough that a batch's logits ([tokens, vocab] float32) stay a few hundred MB at a 32k vocabulary.
 BATCH_TOKENS = 4096
@@ -143,23 +167,7 @@ class HFSession(Session):
             logprobs = torch.cat(
                 [self._forward(inputs[i : i + block_size], cache) for i in range(0, len(inputs), block_size)]
             )
-        targets = torch.tensor(ids[1:]).unsqueeze(1)
-        k = min(top_k, logprobs.shape[-1])
-        top = logprobs.topk(k, dim=-1)
-        top_logprobs = top.values.double()
-        tail = (1.0 - top_logprobs.exp().sum(dim=-1)).clamp(min=0.0)
-        gathered = None
-        if gather is not None:
-            gathered = logprobs.gather(1, torch.as_tensor(gather, dtype=torch.long)).double().numpy()
-        return ScoreResult(
-            token_ids=np.asarray(ids, dtype=np.int64),
-            logprobs=logprobs.gather(1, targets).squeeze(1).double().numpy(),
-            top_ids=top.indices.numpy(),
-            top_logprobs=top_logprobs.numpy(),
-            tail_mass=tail.numpy(),
-            block_size=block_size,
-            gathered=gathered,
-        )
+        return _score_result(ids, logprobs, top_k, block_size, gather)
 
     def score_many(self, sequences: Sequence[Sequence[int]], block_size: int | None = None) -> list[ScoreResult]:
         """Right-padded batches of similar length in one forward pass each (a quantized KV cache is read
@@ -192,19 +200,7 @@ class HFSession(Session):
                 logits = self.model(input_ids=inputs, attention_mask=mask, use_cache=False).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             for row, ids in enumerate(batch):
-                n = len(ids) - 1
-                lp = logprobs[row, :n]
-                targets = torch.tensor(ids[1:]).unsqueeze(1)
-                top = lp.topk(1, dim=-1)
-                top_logprobs = top.values.double()
-                results[order[start + row]] = ScoreResult(
-                    token_ids=np.asarray(ids, dtype=np.int64),
-                    logprobs=lp.gather(1, targets).squeeze(1).double().numpy(),
-                    top_ids=top.indices.numpy(),
-                    top_logprobs=top_logprobs.numpy(),
-                    tail_mass=(1.0 - top_logprobs.exp().sum(dim=-1)).clamp(min=0.0).numpy(),
-                    block_size=None,
-                )
+                results[order[start + row]] = _score_result(ids, logprobs[row, : len(ids) - 1], 1, None)
             start = end
         return [r for r in results if r is not None]
 
