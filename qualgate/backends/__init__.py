@@ -12,6 +12,9 @@ from qualgate.backends.base import (
     register_backend,
 )
 from qualgate.backends.hf import HFBackend
+from qualgate.backends.llamacpp import LlamaCppBackend
+from qualgate.backends.openai_compat import OpenAIBackend
+from qualgate.backends.vllm import VLLMBackend
 
 __all__ = [
     "BACKENDS",
@@ -19,8 +22,11 @@ __all__ = [
     "Capabilities",
     "Generation",
     "HFBackend",
+    "LlamaCppBackend",
+    "OpenAIBackend",
     "ScoreResult",
     "Session",
+    "VLLMBackend",
     "get_backend",
     "open_session",
     "register_backend",

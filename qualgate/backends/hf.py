@@ -7,9 +7,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from qualgate.backends.base import Backend, Capabilities, Generation, ScoreResult, Session, register_backend
+from qualgate.backends.base import Backend, Capabilities, Generation, ScoreResult, register_backend
 from qualgate.backends.hf_cache import croppable, snapshot_cache
 from qualgate.backends.hf_decode import GreedyDecoder
+from qualgate.backends.tokenized import TokenizedSession
 from qualgate.errors import ConfigError
 from qualgate.layers import KVQuantLayer, Layer, PrefixCacheLayer, SpeculationLayer, WeightQuantLayer
 from qualgate.layers.prefix_cache import PrefixStore
@@ -26,7 +27,10 @@ class HFBackend(Backend):
 
     def supports(self, layer: Layer[Any]) -> bool:
         # Every layer kind has an in-process hook; a plug-in layer implements the hook of its kind.
-        return isinstance(layer, (WeightQuantLayer, KVQuantLayer, SpeculationLayer, PrefixCacheLayer))
+        # Engine-native layers (a GGUF quant type, a vLLM --quantization) exist only inside their engine.
+        return not layer.engines and isinstance(
+            layer, (WeightQuantLayer, KVQuantLayer, SpeculationLayer, PrefixCacheLayer)
+        )
 
     def open(self, stack: Stack) -> HFSession:
         if self.threads is not None:
@@ -65,7 +69,7 @@ def _score_result(
 BATCH_TOKENS = 4096
 
 
-class HFSession(Session):
+class HFSession(TokenizedSession):
     capabilities: ClassVar[Capabilities] = Capabilities(score=True, generate=True, max_top_k=None)
 
     def __init__(self, stack: Stack) -> None:
@@ -78,6 +82,7 @@ class HFSession(Session):
             model = weight_layer.apply(model)
         self.model = model
         self.config = model.config
+        self.n_vocab = int(model.config.vocab_size)
         self.max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 0)
         kv_layer = stack.layer("kv_quant")
         self.kv_layer = kv_layer if isinstance(kv_layer, KVQuantLayer) else None
@@ -92,27 +97,6 @@ class HFSession(Session):
             self._forward, self.new_cache, croppable, snapshot_cache, self.speculation, proposer, self.prefix_store
         )
 
-    # -- tokenizer -----------------------------------------------------------------------------
-    @property
-    def bos_token_id(self) -> int | None:
-        return self.tokenizer.bos_token_id  # type: ignore[no-any-return]
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.tokenizer.eos_token_id  # type: ignore[no-any-return]
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.config.vocab_size)
-
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return [self.bos_token_id, *ids] if add_bos and self.bos_token_id is not None else ids
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
-
-    # -- model -----------------------------------------------------------------------------------
     def new_cache(self) -> Any:
         from transformers import DynamicCache
 

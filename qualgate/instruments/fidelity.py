@@ -140,13 +140,19 @@ class FidelityResult:
 def kl_topk_tail(p_top: np.ndarray, p_tail: np.ndarray, q_at_p_top: np.ndarray) -> np.ndarray:
     """KL(P||Q) over P's top-k tokens plus one tail bucket (a lower bound of the full KL).
 
-    p_top and q_at_p_top are logprobs [N, k] at the same token ids; p_tail is 1 - sum(P top-k).
+    p_top and q_at_p_top are logprobs [N, k] at the same token ids; p_tail is 1 - sum(P top-k). A NaN
+    in q_at_p_top is an id the candidate engine did not return (HTTP top-k): it joins the tail bucket
+    on both sides, which merges outcomes and so keeps the bound.
     """
+    known = ~np.isnan(q_at_p_top)
     p = np.exp(p_top)
-    head = (p * (p_top - q_at_p_top)).sum(axis=1)
+    head = np.where(known, p * (p_top - np.where(known, q_at_p_top, 0.0)), 0.0).sum(axis=1)
+    p_tail = p_tail + np.where(known, 0.0, p).sum(axis=1)
     # A tail is 1 minus a sum of float32 probabilities: below TAIL_RESOLUTION it is rounding, and
     # log(noise / noise) would add a spurious KL term (0.6% of the total on a full-vocabulary row).
-    q_tail = np.clip(1.0 - np.exp(q_at_p_top).sum(axis=1), TAIL_RESOLUTION, None)
+    q_tail = np.clip(
+        1.0 - np.where(known, np.exp(np.where(known, q_at_p_top, 0.0)), 0.0).sum(axis=1), TAIL_RESOLUTION, None
+    )
     real = p_tail > TAIL_RESOLUTION
     safe_p_tail = np.where(real, p_tail, 1.0)
     tail = np.where(real, safe_p_tail * (np.log(safe_p_tail) - np.log(q_tail)), 0.0)
@@ -163,11 +169,8 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
     nll_q = -candidate.logprob.astype(np.float64)
     chunks = reference.chunk
     k = reference.top_logprobs.shape[1]
-    kl = kl_topk_tail(
-        reference.top_logprobs.astype(np.float64),
-        reference.tail_mass.astype(np.float64),
-        candidate.gathered[:, :k].astype(np.float64),
-    )
+    q_top = candidate.gathered[:, :k].astype(np.float64)
+    kl = kl_topk_tail(reference.top_logprobs.astype(np.float64), reference.tail_mass.astype(np.float64), q_top)
     kl = np.clip(kl, 0.0, None)  # tiny negatives are float noise of identical distributions
     same = reference.top_ids[:, 0] == candidate.top_ids[:, 0]
     dp = np.exp(-nll_q) - np.exp(-nll_p)
@@ -195,6 +198,9 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
         # KL over the top-k plus one tail bucket is a lower bound; it misses roughly this share of the
         # full KL (measured on the fixture model), so a large value asks for a larger top_k.
         "reference_tail_mass": float(reference.tail_mass.mean()),
+        # Reference top-k mass whose ids the candidate engine did not return (HTTP top-k), merged into
+        # the tail bucket: 0 in process; a large value asks for a larger engine top-k (max_logprobs).
+        "merged_mass": float(np.where(np.isnan(q_top), np.exp(reference.top_logprobs), 0.0).sum(axis=1).mean()),
         "block_size": {"reference": reference.block_size, "candidate": candidate.block_size},
         "ppl_reference": float(np.exp(nll_p.mean())),
         "ppl_candidate": float(np.exp(nll_q.mean())),

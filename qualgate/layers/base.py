@@ -49,6 +49,9 @@ class Layer(ABC, Generic[P]):
     method: ClassVar[str]
     lossless: ClassVar[bool]
     Params: ClassVar[type[LayerParams]] = LayerParams  # the class of `params`, used to validate configs
+    # Engines that apply this layer themselves (vLLM, llama.cpp); empty: qualgate applies it in process
+    # through its kind's hook, so the HF backend and every engine that maps its parameters can run it.
+    engines: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: P, name: str | None = None) -> None:
         self.params: P = params

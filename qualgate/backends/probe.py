@@ -1,0 +1,138 @@
+"""The capability probe: before a served stack is measured, find out what its endpoint can do and
+refuse it (exit 3, with what is wrong) when its numbers could not be trusted.
+
+Checked on a canary text: token-id prompts with per-position prompt logprobs (vLLM), else echo with
+logprobs (the legacy protocol) with one logprob per prompt token (not only the generated ones, as
+llama.cpp's server returns) and a first text token that is scored; the server's tokens equal the
+model tokenizer's; the largest top-k it returns; and the canary's logprobs agree with the in-process
+baseline within a tolerance (a wrong model, a wrong chat template applied to completions, a server
+that silently truncates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qualgate.backends.openai_http import EndpointRejected
+from qualgate.backends.openai_probe import from_echo, from_vllm_prompt_logprobs, problems
+from qualgate.backends.openai_session import OpenAISession
+from qualgate.errors import InfrastructureError
+
+CANARY = (
+    "The function returns a list of the values in the table. If the key is missing, it raises an "
+    "error and the caller must check the result before it writes the file."
+)
+CANARY_TOKENS = 48
+TOP_K_TRIES = (64, 20, 5, 1)
+
+
+class ProbeFailed(InfrastructureError):
+    """The endpoint cannot be measured as it is configured (exit 3)."""
+
+
+@dataclass
+class ProbeReport:
+    endpoint: str
+    mode: str = ""
+    token_id_prompts: bool = False
+    top_k: int = 0
+    canary_mean_abs_diff: float | None = None
+    canary_tolerance: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def probe(
+    session: OpenAISession,
+    reference: Callable[[list[int]], np.ndarray] | None,
+    tolerance: float,
+    require_scoring: bool = True,
+) -> ProbeReport:
+    """Configure `session` (mode, top-k, prompt form) from what its endpoint does, or raise ProbeFailed."""
+    report = ProbeReport(str(session.endpoint))
+    ids = session.encode(CANARY)[:CANARY_TOKENS]
+    found: list[str] = []
+    top_k = _top_k(session, ids, report)
+    if top_k:
+        session.mode, session.token_id_prompts, report.mode, report.token_id_prompts = "token_ids", True, "token_ids", True
+    else:
+        session.token_id_prompts = _accepts_token_ids(session, ids)
+        report.token_id_prompts = session.token_id_prompts
+        found = _echo_problems(session, ids, report)
+        top_k = report.top_k
+        session.mode, report.mode = "echo", "echo"
+    session.top_k_cap = report.top_k = max(top_k, 1)
+    if found:
+        if require_scoring:
+            raise ProbeFailed(f"endpoint {session.endpoint} refused by the capability probe: {'; '.join(found)}")
+        report.notes.extend(found)
+        return report
+    if reference is not None:
+        served = session.score(ids, top_k=1).logprobs
+        expected = reference(ids)
+        diff = float(np.abs(served - expected).mean())
+        report.canary_mean_abs_diff, report.canary_tolerance = diff, tolerance
+        if not diff <= tolerance:
+            raise ProbeFailed(
+                f"endpoint {session.endpoint} refused by the capability probe: the canary's logprobs differ from "
+                f"the in-process baseline by {diff:.3g} nats per token on average (> {tolerance:g}); is it serving "
+                f"'{session.stack.model.path}' with the stack's layers?"
+            )
+    return report
+
+
+def _top_k(session: OpenAISession, ids: list[int], report: ProbeReport) -> int:
+    """The largest prompt-logprobs top-k a token-id request gets, 0 if the server has no such mode."""
+    for k in TOP_K_TRIES:
+        try:
+            response = session.client.one(
+                {"prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}
+            )
+        except EndpointRejected as exc:
+            report.notes.append(f"prompt_logprobs={k} with token ids rejected ({exc.status}: {exc})")
+            continue
+        entries = response["choices"][0].get("prompt_logprobs")
+        if not entries:
+            report.notes.append("prompt_logprobs ignored")
+            return 0
+        parsed = from_vllm_prompt_logprobs({**response, "prompt_token_ids": response.get("prompt_token_ids") or ids})
+        if len(parsed.logprobs) != len(ids) or any(v is None for v in parsed.logprobs[1:]):
+            report.notes.append(f"prompt_logprobs covered {len(parsed.logprobs)} of {len(ids)} positions")
+            return 0
+        return k
+    return 0
+
+
+def _accepts_token_ids(session: OpenAISession, ids: list[int]) -> bool:
+    try:
+        session.client.one({"prompt": ids, "max_tokens": 1, "temperature": 0.0})
+    except EndpointRejected:
+        return False
+    return True
+
+
+def _echo_problems(session: OpenAISession, ids: list[int], report: ProbeReport) -> list[str]:
+    """Echo mode: what makes its prompt logprobs unusable (NOTES.md's engine quirks)."""
+    text = session.prompt_text(ids)
+    expected = [session.piece(t) for t in ids[1:]] if ids[0] == session.bos_token_id else [session.piece(t) for t in ids]
+    last: Exception | None = None
+    for k in TOP_K_TRIES:
+        body = {"prompt": text, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": k}
+        try:
+            response = session.client.one(body)
+        except EndpointRejected as exc:
+            last = exc
+            continue
+        report.top_k = k
+        parsed = from_echo(response)
+        if parsed.tokens and session.bos_token_id is not None and parsed.tokens[0] == session.piece(session.bos_token_id):
+            # The server shows the BOS it added (vLLM): the first text token is then scored.
+            parsed = type(parsed)(parsed.tokens[1:], parsed.logprobs[1:])
+        return problems(parsed, expected, generated=1)
+    return [f"neither prompt_logprobs nor echo with logprobs is accepted ({last})"]

@@ -1,0 +1,79 @@
+"""Scores from what an engine returns per position: the scored token's logprob and its top-k.
+
+An engine over HTTP returns only its own top-k, so the logprob of a reference top-k id the engine
+did not return is unknown: `gathered` holds NaN there, and the KL of METRICS.md merges such ids into
+the tail bucket on both sides (merging outcomes keeps the KL a lower bound; fidelity reports the
+merged mass). Nothing unknown is ever filled with a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from qualgate.backends.base import ScoreResult
+
+
+@dataclass(frozen=True)
+class Row:
+    logprob: float  # of the token that actually follows
+    top: dict[int, float]  # the engine's top-k at this position, id -> logprob
+
+
+def score_from_rows(
+    token_ids: Sequence[int], rows: Sequence[Row], top_k: int, gather: np.ndarray | None = None
+) -> ScoreResult:
+    ids = np.asarray(list(token_ids), dtype=np.int64)
+    n = len(rows)
+    k = max(1, min([top_k, *(len(row.top) for row in rows)]) if rows else top_k)
+    top_ids = np.zeros((n, k), dtype=np.int64)
+    top_logprobs = np.full((n, k), -np.inf)
+    for i, row in enumerate(rows):
+        best = sorted(row.top.items(), key=lambda item: -item[1])[:k]
+        top_ids[i, : len(best)] = [token for token, _ in best]
+        top_logprobs[i, : len(best)] = [value for _, value in best]
+    gathered = None
+    if gather is not None:
+        gathered = np.full(gather.shape, np.nan)
+        for i, row in enumerate(rows):
+            known = {**row.top, int(ids[i + 1]): row.logprob}
+            gathered[i] = [known.get(int(token), np.nan) for token in gather[i]]
+    return ScoreResult(
+        token_ids=ids,
+        logprobs=np.asarray([row.logprob for row in rows], dtype=np.float64),
+        top_ids=top_ids,
+        top_logprobs=top_logprobs,
+        tail_mass=np.clip(1.0 - np.exp(top_logprobs).sum(axis=1), 0.0, None),
+        block_size=None,
+        gathered=gathered,
+    )
+
+
+def score_from_logprobs(
+    token_ids: Sequence[int], logprobs: np.ndarray, top_k: int, gather: np.ndarray | None = None
+) -> ScoreResult:
+    """From full-vocabulary logprobs [n-1, vocab] (an in-process engine): exact, nothing merged."""
+    ids = np.asarray(list(token_ids), dtype=np.int64)
+    k = min(top_k, logprobs.shape[1])
+    top = np.argpartition(-logprobs, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(logprobs, top, axis=1), axis=1, kind="stable")
+    top_ids = np.take_along_axis(top, order, axis=1)
+    top_logprobs = np.take_along_axis(logprobs, top_ids, axis=1).astype(np.float64)
+    rows = np.arange(len(ids) - 1)
+    return ScoreResult(
+        token_ids=ids,
+        logprobs=logprobs[rows, ids[1:]].astype(np.float64),
+        top_ids=top_ids,
+        top_logprobs=top_logprobs,
+        tail_mass=np.clip(1.0 - np.exp(top_logprobs).sum(axis=1), 0.0, None),
+        block_size=None,
+        gathered=None if gather is None else np.take_along_axis(logprobs, gather, axis=1).astype(np.float64),
+    )
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (engines hand back float32 logits)."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    return np.asarray(shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True)))
