@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from qualgate import __version__, golden, noise_floor
-from qualgate.backends import open_session
+from qualgate.backends import BACKENDS, Session, open_session
 from qualgate.config import Pipeline
 from qualgate.gate import Finding, judge, worst_status
 from qualgate.instruments.benchmarks import run as benchmarks_run
@@ -125,7 +125,7 @@ class Runner:
         )
         if record is not None:
             return record
-        with open_session(measured, self.pipeline.backend.name, **self.pipeline.backend.options) as session:
+        with self._open(measured) as session:
             progress = self.on_progress(f"fidelity {measured.name}") if self.on_progress else None
             checkpoint = self.store.chunks(key)
             scores = score_text(session, chunks, config, reference=reference, on_chunk=progress, checkpoint=checkpoint)
@@ -163,10 +163,9 @@ class Runner:
         if record is not None:
             return record
         prompts = [p for path in inst.prompts for p in load_prompts(Path(path))]
-        options = self.pipeline.backend.options
         with (
-            open_session(stack, self.pipeline.backend.name, **options) as candidate,
-            open_session(reference, self.pipeline.backend.name, **options) as ref,
+            self._open(stack) as candidate,
+            self._open(reference) as ref,
         ):
             checkpoint = self.store.generations(key)
             result = run_equivalence(candidate, ref, prompts, config, checkpoint=checkpoint)
@@ -175,6 +174,14 @@ class Runner:
         checkpoint.discard()
         self.computed += 1
         return record
+
+    def _open(self, stack: Stack) -> Session:
+        """A session on the pipeline's backend; a managed engine writes its server logs into the run."""
+        options = dict(self.pipeline.backend.options)
+        backend = BACKENDS.get(self.pipeline.backend.name)
+        if "log_dir" in getattr(getattr(backend, "Options", None), "model_fields", {}):
+            options.setdefault("log_dir", str(self.out / "engine-logs"))
+        return open_session(stack, self.pipeline.backend.name, **options)
 
     # -- gate ---------------------------------------------------------------------------------------
     def _gated(self, finding: Finding) -> Finding:
@@ -273,8 +280,7 @@ class Runner:
             generate_cache = self.store.requests(identity_key({"generation": stack.identity(), "block_size": block}))
             if self._task_manager is None:
                 self._task_manager = benchmarks_run.task_manager(inst, self.where)
-            options = self.pipeline.backend.options
-            with open_session(stack, self.pipeline.backend.name, **options) as session:
+            with self._open(stack) as session:
                 progress = self.on_progress(f"benchmarks {stack.name}") if self.on_progress else None
                 results = benchmarks_run.run_tasks(
                     session, inst, self._task_manager, block, score_cache, generate_cache, progress
@@ -335,7 +341,7 @@ class Runner:
         )
         if record is None:
             prompts = load_judge_prompts(Path(inst.prompts))
-            with open_session(stack, self.pipeline.backend.name, **self.pipeline.backend.options) as session:
+            with self._open(stack) as session:
                 record = {"stack": stack.name, "answers": judge_answers(session, prompts, inst.max_answer_tokens)}
             self.store.put(key, record)
             self.computed += 1

@@ -117,7 +117,9 @@ class LlamaCppSession(TokenizedSession):
         ours = self.encode(CANARY)
         theirs = self.llm.tokenize(CANARY.encode("utf-8"), add_bos=self.bos_token_id is not None)
         if ours != theirs:
-            first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
+            first = next(
+                (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs))
+            )
             raise ProbeFailed(
                 f"llama.cpp tokenizes '{self.gguf.name}' differently from the model's tokenizer (first at token "
                 f"{first}); the GGUF's vocabulary does not match '{self.stack.model.path}'"
@@ -139,7 +141,7 @@ class LlamaCppSession(TokenizedSession):
     ) -> ScoreResult:
         ids = [int(t) for t in token_ids]
         self._check_length(len(ids), "a scored sequence")
-        self.llm.reset()
+        self.llm.reset()  # type: ignore[no-untyped-call]
         step = block_size or len(ids)
         for start in range(0, len(ids) - 1, step):
             self.llm.eval(ids[start : min(start + step, len(ids) - 1)])
@@ -170,7 +172,7 @@ class LlamaCppSession(TokenizedSession):
                 "prefix_reused_tokens": float(shared),
             }
         else:
-            self.llm.reset()  # no reuse: llama-cpp-python would otherwise reuse the previous prompt's KV
+            self.llm.reset()  # type: ignore[no-untyped-call]  # no reuse: llama-cpp-python would otherwise reuse the previous prompt's KV
         out: list[int] = []
         proposed = accepted = steps = 0
         pending: list[int] = []

@@ -114,7 +114,13 @@ class HTTPBackend(Backend):
         tokenizer = _tokenizer(stack.model.model_dump_json())
         client = CompletionsClient(endpoint, o.concurrency, o.timeout, o.retries)
         session = OpenAISession(
-            stack, endpoint, tokenizer, model_vocab_size(stack.model, tokenizer), client, 64, model_positions(stack.model)
+            stack,
+            endpoint,
+            tokenizer,
+            model_vocab_size(stack.model, tokenizer),
+            client,
+            64,
+            model_positions(stack.model),
         )
         tolerance = o.canary_tolerance if stack.lossless else o.canary_tolerance_lossy
         reference = canary_reference(stack.model, o.canary)
@@ -144,4 +150,3 @@ class OpenAIBackend(HTTPBackend):
             f"backend 'openai': no endpoint for stack '{stack.name}' in backend.options.endpoints; "
             f"{did_you_mean(stack.name, list(o.endpoints))} (add '{stack.name}: {{base_url: ..., model: ...}}')"
         )
-

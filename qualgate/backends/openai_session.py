@@ -74,7 +74,7 @@ class OpenAISession(TokenizedSession):
             ids = ids[1:]
         return str(self.tokenizer.decode(ids, skip_special_tokens=False))
 
-    def rows(self, token_ids: Sequence[int], response: dict[str, Any]) -> list[Row]:
+    def rows(self, token_ids: Sequence[int], response: dict[str, Any], top_k: int) -> list[Row]:
         """One Row per position 1..n-1 of token_ids, or an error naming what the server got wrong."""
         ids = list(token_ids)
         choice = response["choices"][0]
@@ -92,9 +92,8 @@ class OpenAISession(TokenizedSession):
                         f"endpoint {self.endpoint} gave no logprob for prompt position {position}"
                     )
                 rank_of = {int(key): int(value.get("rank") or 0) for key, value in (entry or {}).items()}
-                # vLLM adds the scored token to the top-k with its true rank: keep it in `top` only if it is one.
-                k = len(table) - (1 if rank_of.get(ids[position], 0) > len(table) - 1 else 0)
-                top = {t: v for t, v in table.items() if rank_of.get(t, 0) <= k}
+                # vLLM adds the scored token with its true rank: it is in `top` only if it is in the top-k.
+                top = {t: v for t, v in table.items() if rank_of.get(t, 0) <= top_k}
                 out.append(Row(table[ids[position]], top))
             return out
         logprobs = choice.get("logprobs") or {}
@@ -147,12 +146,13 @@ class OpenAISession(TokenizedSession):
         block_size: int | None = None,
         gather: np.ndarray | None = None,
     ) -> ScoreResult:
-        response = self.client.one(self.score_body(token_ids, top_k))
-        return score_from_rows(token_ids, self.rows(token_ids, response), top_k, gather)
+        k = min(top_k, self.top_k_cap)
+        response = self.client.one(self.score_body(token_ids, k))
+        return score_from_rows(token_ids, self.rows(token_ids, response, k), k, gather)
 
     def score_many(self, sequences: Sequence[Sequence[int]], block_size: int | None = None) -> list[ScoreResult]:
         responses = self.client.many([self.score_body(ids, 1) for ids in sequences])
-        return [score_from_rows(ids, self.rows(ids, r), 1) for ids, r in zip(sequences, responses, strict=True)]
+        return [score_from_rows(ids, self.rows(ids, r, 1), 1) for ids, r in zip(sequences, responses, strict=True)]
 
     def generate(
         self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64, top_k: int = 8

@@ -60,7 +60,12 @@ def probe(
     found: list[str] = []
     top_k = _top_k(session, ids, report)
     if top_k:
-        session.mode, session.token_id_prompts, report.mode, report.token_id_prompts = "token_ids", True, "token_ids", True
+        session.mode, session.token_id_prompts, report.mode, report.token_id_prompts = (
+            "token_ids",
+            True,
+            "token_ids",
+            True,
+        )
     else:
         session.token_id_prompts = _accepts_token_ids(session, ids)
         report.token_id_prompts = session.token_id_prompts
@@ -91,9 +96,7 @@ def _top_k(session: OpenAISession, ids: list[int], report: ProbeReport) -> int:
     """The largest prompt-logprobs top-k a token-id request gets, 0 if the server has no such mode."""
     for k in TOP_K_TRIES:
         try:
-            response = session.client.one(
-                {"prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}
-            )
+            response = session.client.one({"prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k})
         except EndpointRejected as exc:
             report.notes.append(f"prompt_logprobs={k} with token ids rejected ({exc.status}: {exc})")
             continue
@@ -120,7 +123,9 @@ def _accepts_token_ids(session: OpenAISession, ids: list[int]) -> bool:
 def _echo_problems(session: OpenAISession, ids: list[int], report: ProbeReport) -> list[str]:
     """Echo mode: what makes its prompt logprobs unusable (NOTES.md's engine quirks)."""
     text = session.prompt_text(ids)
-    expected = [session.piece(t) for t in ids[1:]] if ids[0] == session.bos_token_id else [session.piece(t) for t in ids]
+    expected = (
+        [session.piece(t) for t in ids[1:]] if ids[0] == session.bos_token_id else [session.piece(t) for t in ids]
+    )
     last: Exception | None = None
     for k in TOP_K_TRIES:
         body = {"prompt": text, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": k}
@@ -131,7 +136,11 @@ def _echo_problems(session: OpenAISession, ids: list[int], report: ProbeReport) 
             continue
         report.top_k = k
         parsed = from_echo(response)
-        if parsed.tokens and session.bos_token_id is not None and parsed.tokens[0] == session.piece(session.bos_token_id):
+        if (
+            parsed.tokens
+            and session.bos_token_id is not None
+            and parsed.tokens[0] == session.piece(session.bos_token_id)
+        ):
             # The server shows the BOS it added (vLLM): the first text token is then scored.
             parsed = type(parsed)(parsed.tokens[1:], parsed.logprobs[1:])
         return problems(parsed, expected, generated=1)

@@ -25,9 +25,10 @@ class Row:
 def score_from_rows(
     token_ids: Sequence[int], rows: Sequence[Row], top_k: int, gather: np.ndarray | None = None
 ) -> ScoreResult:
+    """`top_k` columns; a row with fewer known entries is padded with -inf (probability 0)."""
     ids = np.asarray(list(token_ids), dtype=np.int64)
     n = len(rows)
-    k = max(1, min([top_k, *(len(row.top) for row in rows)]) if rows else top_k)
+    k = max(1, top_k)
     top_ids = np.zeros((n, k), dtype=np.int64)
     top_logprobs = np.full((n, k), -np.inf)
     for i, row in enumerate(rows):

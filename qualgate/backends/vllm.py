@@ -40,6 +40,9 @@ class VLLMOptions(HTTPOptions):
     )
     max_model_len: int | None = Field(None, ge=16, description="default: the model's context length")
     max_logprobs: int = Field(64, ge=1, description="the top-k vLLM may return (fidelity's KL uses 64)")
+    block_size: int | None = Field(
+        None, ge=1, description="--block-size for every server (CPU: a multiple of 32); default: the prefix layer's"
+    )
     cpu_kv_cache_gb: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on a CPU build")
     enforce_eager: bool = Field(True, description="no CUDA graphs / compilation: starts in seconds")
     extra_args: list[str] = Field(default_factory=list, description="more `vllm serve` flags, appended as given")
@@ -84,9 +87,14 @@ def vllm_args(stack: Stack, options: VLLMOptions) -> list[str]:
         config = {"model": draft, "num_speculative_tokens": spec.params.num_speculative_tokens}
         args += ["--speculative-config", json.dumps(config)]
     # vLLM caches prefixes by default: the baseline must turn it off, or it is not a baseline.
-    args += ["--enable-prefix-caching"] if isinstance(stack.layer("prefix_cache"), BlockPrefixCache) else [
-        "--no-enable-prefix-caching"
-    ]
+    prefix = stack.layer("prefix_cache")
+    if isinstance(prefix, BlockPrefixCache):
+        # Prefixes are reused in whole blocks; vLLM's CPU default (128) never hits on short prompts.
+        args += ["--enable-prefix-caching", "--block-size", str(options.block_size or prefix.params.block_size)]
+    else:
+        args += ["--no-enable-prefix-caching"]
+        if options.block_size:
+            args += ["--block-size", str(options.block_size)]
     if options.max_model_len:
         args += ["--max-model-len", str(options.max_model_len)]
     return [

@@ -41,7 +41,9 @@ def baseline_gguf(spec: ModelSpec, cache_dir: Path) -> Path:
     if local is None:
         raise ConfigError(f"backend 'llamacpp': model '{spec.path}' must be a local directory to convert to GGUF")
     if spec.dtype == "bfloat16":
-        raise ConfigError("backend 'llamacpp': GGUF conversion writes f32 or f16; set model.dtype to float32 or float16")
+        raise ConfigError(
+            "backend 'llamacpp': GGUF conversion writes f32 or f16; set model.dtype to float32 or float16"
+        )
     dtype = "f32" if spec.dtype == "float32" else "f16"
     out = cache_dir / f"{local.name}-{model_key(spec)}-{dtype}.gguf"
     if not out.is_file():

@@ -5,6 +5,7 @@ Its output goes to a log file that outlives it, so a server that dies names its 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -106,9 +107,7 @@ class ServerProcess:
     def kill(self) -> None:
         """SIGKILL the whole process group: the server dies as a crashed server would."""
         if self.process is not None and self.process.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.process.wait(timeout=30)
         self.process = None

@@ -45,6 +45,7 @@ class ManagedServer(ServerProcess):
 
     def start(self) -> ManagedServer:
         command = [*self.spec.command, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("a", encoding="utf-8") as handle:
             handle.write("$ " + " ".join(command) + "\n")
         url = f"http://127.0.0.1:{self.port}{self.spec.health}"
