@@ -41,7 +41,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     started = now_ms()
     runner = Runner(pipeline, str(path), out, on_progress=bar)
-    result = runner.run()
+    try:
+        result = runner.run()
+    finally:
+        # Managed engine servers stop with the run, whatever ended it (atexit is the backstop).
+        from qualgate.engines.servers import POOL
+
+        POOL.stop_all()
     publish.write(result, out)
     publish.print_report(result)
     print(

@@ -15,6 +15,7 @@ import numpy as np
 
 from qualgate import __version__, golden, noise_floor
 from qualgate.backends import BACKENDS, Session, open_session
+from qualgate.backends.openai_compat import HTTPBackend
 from qualgate.config import Pipeline
 from qualgate.gate import Finding, judge, worst_status
 from qualgate.instruments.benchmarks import run as benchmarks_run
@@ -424,6 +425,8 @@ class Runner:
                 "backend": self.pipeline.backend.name,
                 "tracking": self.pipeline.tracking.model_dump(),
                 "data": self.data_provenance(golden_manifest),
+                # What each served endpoint's capability probe found (mode, top-k, canary agreement).
+                "engine_probes": {url: r.as_dict() for url, r in HTTPBackend.reports.items()},
             },
             "stacks": stacks,
             "compound": compound_table(self.planned, stacks),
@@ -448,7 +451,8 @@ def _fidelity_view(record: dict[str, Any]) -> dict[str, Any]:
         "nll_correlation",
         "kl_by_confidence",
     )
-    return {**{k: s[k] for k in keep}, "per_token": record["per_token"]}
+    # merged_mass: reference top-k mass an HTTP engine did not return (0 in process and in old records)
+    return {**{k: s[k] for k in keep}, "merged_mass": s.get("merged_mass", 0.0), "per_token": record["per_token"]}
 
 
 COMPOUND_METRICS: dict[str, Callable[[dict[str, Any]], float]] = {

@@ -52,9 +52,17 @@ class CompletionsClient:
         return self.many([body])[0]
 
     def many(self, bodies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        return asyncio.run(self._many(bodies))
+        return asyncio.run(self._many(bodies, self.retries))
 
-    async def _many(self, bodies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    def try_once(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One attempt, any failure raised as EndpointRejected: for probing a request shape the server
+        may not support (llama-cpp-python answers a token-id prompt with a 500, not a 4xx)."""
+        try:
+            return asyncio.run(self._many([body], 0))[0]
+        except InfrastructureError as exc:
+            raise EndpointRejected(500, str(exc)) from None
+
+    async def _many(self, bodies: Sequence[dict[str, Any]], retries: int) -> list[dict[str, Any]]:
         from openai import AsyncOpenAI
 
         # The SDK's own retries are off: ours back off with jitter and end in one named error.
@@ -66,20 +74,20 @@ class CompletionsClient:
 
             async def run(body: dict[str, Any]) -> dict[str, Any]:
                 async with limit:
-                    return await self._send(client, body)
+                    return await self._send(client, body, retries)
 
             return list(await asyncio.gather(*(run(body) for body in bodies)))
         finally:
             await client.close()
 
-    async def _send(self, client: Any, body: dict[str, Any]) -> dict[str, Any]:
+    async def _send(self, client: Any, body: dict[str, Any], retries: int) -> dict[str, Any]:
         import openai
 
         standard = {"model", "prompt", "max_tokens", "temperature", "logprobs", "echo", "seed", "n", "stop"}
         kwargs = {key: value for key, value in body.items() if key in standard}
         extra = {key: value for key, value in body.items() if key not in standard}
         last: Exception | None = None
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             try:
                 response = await client.completions.create(
                     model=self.endpoint.model, **kwargs, extra_body=extra or None
@@ -91,10 +99,10 @@ class CompletionsClient:
                 last = exc
             except (openai.APIConnectionError, openai.APITimeoutError) as exc:
                 last = exc
-            if attempt < self.retries:
+            if attempt < retries:
                 await asyncio.sleep(self.backoff * 2**attempt * (1 + random.random()))
         raise InfrastructureError(
-            f"endpoint {self.endpoint} did not answer after {self.retries + 1} attempts "
+            f"endpoint {self.endpoint} did not answer after {retries + 1} attempt(s) "
             f"({type(last).__name__}: {_message(last)}); check that the server is up, finished work is kept"
         )
 

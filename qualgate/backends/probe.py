@@ -57,6 +57,9 @@ def probe(
     """Configure `session` (mode, top-k, prompt form) from what its endpoint does, or raise ProbeFailed."""
     report = ProbeReport(str(session.endpoint))
     ids = session.encode(CANARY)[:CANARY_TOKENS]
+    # The plainest request first, with retries: a server that is down is an infrastructure error,
+    # not a missing capability. The shape probes after it get one attempt each.
+    session.client.one({"prompt": CANARY, "max_tokens": 1, "temperature": 0.0})
     found: list[str] = []
     top_k = _top_k(session, ids, report)
     if top_k:
@@ -96,7 +99,9 @@ def _top_k(session: OpenAISession, ids: list[int], report: ProbeReport) -> int:
     """The largest prompt-logprobs top-k a token-id request gets, 0 if the server has no such mode."""
     for k in TOP_K_TRIES:
         try:
-            response = session.client.one({"prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k})
+            response = session.client.try_once(
+                {"prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}
+            )
         except EndpointRejected as exc:
             report.notes.append(f"prompt_logprobs={k} with token ids rejected ({exc.status}: {exc})")
             continue
@@ -114,7 +119,7 @@ def _top_k(session: OpenAISession, ids: list[int], report: ProbeReport) -> int:
 
 def _accepts_token_ids(session: OpenAISession, ids: list[int]) -> bool:
     try:
-        session.client.one({"prompt": ids, "max_tokens": 1, "temperature": 0.0})
+        session.client.try_once({"prompt": ids, "max_tokens": 1, "temperature": 0.0})
     except EndpointRejected:
         return False
     return True
@@ -130,7 +135,7 @@ def _echo_problems(session: OpenAISession, ids: list[int], report: ProbeReport) 
     for k in TOP_K_TRIES:
         body = {"prompt": text, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": k}
         try:
-            response = session.client.one(body)
+            response = session.client.try_once(body)
         except EndpointRejected as exc:
             last = exc
             continue

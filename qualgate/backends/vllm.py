@@ -51,12 +51,14 @@ class VLLMOptions(HTTPOptions):
 
 
 def vllm_python(option: str | None) -> str:
-    candidates = [option, os.environ.get("QUALGATE_VLLM_PYTHON"), str(Path(DEFAULT_VENV) / "bin" / "python")]
-    for candidate in candidates:
-        if candidate and (Path(candidate).is_file() or shutil.which(candidate)):
-            return candidate
+    """The interpreter of the vLLM environment: the option if given (it must exist), else the
+    environment variable, else ./.venv-vllm."""
+    explicit = option or os.environ.get("QUALGATE_VLLM_PYTHON")
+    candidate = explicit or str(Path(DEFAULT_VENV) / "bin" / "python")
+    if Path(candidate).is_file() or (explicit and shutil.which(explicit)):
+        return candidate
     raise ConfigError(
-        f"backend 'vllm': no vLLM environment ({option or DEFAULT_VENV + '/bin/python'} does not exist); "
+        f"backend 'vllm': no vLLM environment ({candidate} does not exist); "
         "make one with scripts/vllm-env, or set backend.options.python / QUALGATE_VLLM_PYTHON"
     )
 

@@ -18,7 +18,15 @@ from typing import Any
 # MLflow limits (NOTES.md): keys <= 250 chars, param values <= 6,000, tag values kept well under that.
 MAX_VALUE = 5000
 ESTIMATES = ("kl_mean", "ppl_ratio", "ln_ppl_ratio", "same_top1")
-FIDELITY_SCALARS = ("ppl_reference", "ppl_candidate", "dp_rms", "nll_correlation", "reference_tail_mass", "n_tokens")
+FIDELITY_SCALARS = (
+    "ppl_reference",
+    "ppl_candidate",
+    "dp_rms",
+    "nll_correlation",
+    "reference_tail_mass",
+    "merged_mass",
+    "n_tokens",
+)
 EQUIVALENCE_SCALARS = ("exact_match_rate", "real_divergences", "near_ties", "samples", "max_prefix_logprob_diff")
 COMPOUND_PARTS = ("vs_baseline", "vs_previous", "interaction", "sum_of_singles")
 VERDICT_LEVEL = {"pass": 0, "warn": 1, "fail": 2}

@@ -1,0 +1,163 @@
+"""The demo ladder on real engines, managed by qualgate: llama.cpp in process (llama-cpp-python) and
+vLLM's CPU build over HTTP in its own environment; and endpoints the probe must refuse (exit 3).
+
+Engine baselines against the HF golden (documented in the README, measured on the bundled model):
+llama.cpp f32 KL ~5e-8, vLLM float32 KL ~2.5e-9, same top-1 >= 0.999, PPL ratio 1 within 1e-3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broken_proxy import BrokenProxy
+from helpers import REPO, pipeline_file, run_pipeline
+from llama_server import LlamaServer
+
+from qualgate.engines.gguf_quant import baseline_gguf
+from qualgate.engines.servers import POOL
+from qualgate.models import ModelSpec
+
+pytestmark = pytest.mark.slow
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+BASELINE_KL = 1e-6  # engine float32 baseline vs the HF golden: numerics only
+BASELINE_PPL = 1e-3  # |PPL ratio - 1|
+
+
+def stacks(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s["name"]: s["instruments"] for s in report["stacks"]}
+
+
+def assert_engine_baseline(instruments: dict[str, Any]) -> None:
+    fidelity = instruments["fidelity"]
+    assert fidelity["kl_mean"]["value"] < BASELINE_KL
+    assert abs(fidelity["ppl_ratio"]["value"] - 1) < BASELINE_PPL
+    assert fidelity["same_top1"]["value"] >= 0.998
+
+
+def assert_lossless(instruments: dict[str, Any], layer: str, counter: str) -> None:
+    equivalence = instruments["equivalence"]
+    assert equivalence["real_divergences"] == 0, equivalence["divergences"]
+    assert equivalence["layer_stats"][layer][counter] > 0, f"the engine's {layer} was not exercised"
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_installed() -> None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs llama-cpp-python (make install)")
+        pytest.skip("llama-cpp-python is not installed (pip install 'qualgate[llamacpp]')")
+
+
+def test_demo_ladder_on_llama_cpp(tmp_path: Path, llama_cpp_installed: None) -> None:
+    path = pipeline_file(
+        tmp_path,
+        {
+            "q4": {"kind": "weight_quant", "method": "gguf", "type": "Q4_K_M"},
+            "kv": {"kind": "kv_quant", "method": "ggml", "type_k": "q8_0", "type_v": "q8_0"},
+            "spec": {"kind": "speculation", "method": "ngram", "num_speculative_tokens": 4},
+            "prefix": {"kind": "prefix_cache", "method": "block"},
+        },
+        stacks=[{"layers": ["q4", "kv"]}, {"layers": ["spec"]}, {"layers": ["prefix"]}],
+        backend={"name": "llamacpp", "options": {"n_threads": 2}},
+    )
+    (tmp_path / "pipeline.yaml").write_text(
+        path.read_text().replace("general.jsonl", "general.jsonl\n    - evals/prompts/shared_prefix.jsonl")
+    )
+    assert run_pipeline(path, tmp_path / "run", "--no-tracking") in (0, 1)
+    found = stacks(json.loads((tmp_path / "run" / "report.json").read_text()))
+    assert_engine_baseline(found["base"])
+    quantized = found["gguf-q4_k_m+kv-q8_0"]["fidelity"]
+    assert quantized["kl_mean"]["value"] > 1000 * found["base"]["fidelity"]["kl_mean"]["value"]
+    assert quantized["merged_mass"] == 0.0, "in process: full logits, nothing merged"
+    assert_lossless(found["spec-ngram4"], "speculation", "accepted_tokens")
+    assert_lossless(found["prefix-cache"], "prefix_cache", "hits")
+
+
+@pytest.fixture(scope="module")
+def vllm_env() -> Path:
+    if not VLLM_PYTHON.is_file():
+        if os.environ.get("CI"):
+            pytest.fail("CI builds the vLLM environment (scripts/vllm-env)")
+        pytest.skip("no vLLM environment: run scripts/vllm-env")
+    return VLLM_PYTHON
+
+
+def test_demo_ladder_on_managed_vllm(tmp_path: Path, vllm_env: Path) -> None:
+    path = pipeline_file(
+        tmp_path,
+        {
+            "kv": {"kind": "kv_quant", "method": "fp8"},
+            "spec": {"kind": "speculation", "method": "ngram", "num_speculative_tokens": 4},
+            "prefix": {"kind": "prefix_cache", "method": "block", "block_size": 32},
+        },
+        stacks=[{"layers": ["kv"]}, {"layers": ["spec"]}, {"layers": ["prefix"]}],
+        backend={"name": "vllm", "options": {"python": str(vllm_env), "max_model_len": 1024, "block_size": 32}},
+    )
+    (tmp_path / "pipeline.yaml").write_text(
+        path.read_text().replace("general.jsonl", "general.jsonl\n    - evals/prompts/shared_prefix.jsonl")
+    )
+    assert run_pipeline(path, tmp_path / "run", "--no-tracking") in (0, 1)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    found = stacks(report)
+    assert_engine_baseline(found["base"])
+    kv = found["kv-fp8-e4m3"]["fidelity"]
+    assert kv["kl_mean"]["value"] > 1000 * found["base"]["fidelity"]["kl_mean"]["value"]
+    assert kv["merged_mass"] < 0.01, "vLLM returned (nearly) all of the reference's top-64"
+    assert_lossless(found["spec-ngram4"], "speculation", "accepted_tokens")
+    assert_lossless(found["prefix-cache"], "prefix_cache", "hits")
+    probes = report["provenance"]["engine_probes"]
+    assert probes and all(p["mode"] == "token_ids" and p["top_k"] == 64 for p in probes.values())
+    assert all(p["canary_mean_abs_diff"] < 1e-3 for p in probes.values() if "kv" not in p["endpoint"])
+    logs = list((tmp_path / "run" / "engine-logs").glob("vllm-*.log"))
+    assert len(logs) == 4 and not POOL.servers, "one server per stack, all stopped with the run"
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory, llama_cpp_installed: None) -> Any:
+    gguf = baseline_gguf(ModelSpec(path="bundled:target"), REPO / "runs" / "gguf")
+    server = LlamaServer(gguf, tmp_path_factory.mktemp("llama") / "server.log").start()
+    yield server
+    server.stop()
+
+
+def endpoint_pipeline(tmp_path: Path, url: str, model: str = "bundled:target", **instruments: Any) -> Path:
+    """One endpoint for every stack; the ngram stack makes equivalence open a session when fidelity is off."""
+    path = pipeline_file(
+        tmp_path,
+        {"spec": {"kind": "speculation", "method": "ngram"}},
+        stacks=[{"layers": ["spec"]}],
+        backend={"name": "openai", "options": {"base_url": url, "model": "judge"}},
+    )
+    text = path.read_text().replace("bundled:target", model)
+    if instruments.get("no_fidelity"):
+        text = text.replace("  fidelity:\n    golden: golden/bundled-target\n", "")
+    path.write_text(text)
+    return path
+
+
+def test_endpoint_with_generated_only_logprobs_is_refused(
+    tmp_path: Path, llama_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with BrokenProxy(llama_server.url) as proxy:
+        code = run_pipeline(endpoint_pipeline(tmp_path, proxy.url), tmp_path / "run", "--no-tracking")
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "refused by the capability probe" in err and "cover only the 1 generated tokens" in err
+    assert proxy.url in err
+
+
+def test_endpoint_with_another_tokenizer_is_refused(
+    tmp_path: Path, llama_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server serves the BPE target model; the pipeline says the byte-level model."""
+    path = endpoint_pipeline(tmp_path, llama_server.url, model="bundled:bytes", no_fidelity=True)
+    code = run_pipeline(path, tmp_path / "run", "--no-tracking")
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "tokenizer mismatch at position 0" in err
