@@ -426,7 +426,7 @@ class Runner:
                 "tracking": self.pipeline.tracking.model_dump(),
                 "data": self.data_provenance(golden_manifest),
                 # What each served endpoint's capability probe found (mode, top-k, canary agreement).
-                "engine_probes": {url: r.as_dict() for url, r in HTTPBackend.reports.items()},
+                "engine_probes": {name: r.as_dict() for name, r in HTTPBackend.reports.items()},
             },
             "stacks": stacks,
             "compound": compound_table(self.planned, stacks),

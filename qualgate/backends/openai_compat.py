@@ -98,7 +98,7 @@ class HTTPBackend(Backend):
     """Opens a probed OpenAISession on the endpoint that serves a stack."""
 
     Options: ClassVar[type[HTTPOptions]] = HTTPOptions
-    reports: ClassVar[dict[str, ProbeReport]] = {}  # endpoint -> its probe, for the run's provenance
+    reports: ClassVar[dict[str, ProbeReport]] = {}  # stack name -> its endpoint's probe, for provenance
 
     def __init__(self, **options: Any) -> None:
         self.options = validate(self.Options, options, f"backend '{self.name}' options")
@@ -124,7 +124,7 @@ class HTTPBackend(Backend):
         )
         tolerance = o.canary_tolerance if stack.lossless else o.canary_tolerance_lossy
         reference = canary_reference(stack.model, o.canary)
-        HTTPBackend.reports[str(endpoint)] = probe(session, reference, tolerance, o.require_scoring)
+        HTTPBackend.reports[stack.name] = probe(session, reference, tolerance, o.require_scoring)
         return session
 
 

@@ -36,6 +36,7 @@ class ProbeFailed(InfrastructureError):
 
 @dataclass
 class ProbeReport:
+    stack: str
     endpoint: str
     mode: str = ""
     token_id_prompts: bool = False
@@ -55,7 +56,7 @@ def probe(
     require_scoring: bool = True,
 ) -> ProbeReport:
     """Configure `session` (mode, top-k, prompt form) from what its endpoint does, or raise ProbeFailed."""
-    report = ProbeReport(str(session.endpoint))
+    report = ProbeReport(session.stack.name, str(session.endpoint))
     ids = session.encode(CANARY)[:CANARY_TOKENS]
     # The plainest request first, with retries: a server that is down is an infrastructure error,
     # not a missing capability. The shape probes after it get one attempt each.
