@@ -47,9 +47,11 @@ def print_result(result: EquivalenceResult) -> None:
         f"{summary['exact_match_rate']:.1%} exact over {result.samples} samples, "
         f"{result.real_divergences} real divergences, {result.near_ties} near-ties (eps {result.eps:g})"
     )
+    drift = result.max_prefix_logprob_diff
     console.print(
-        f"max |dlogprob| on shared prefixes: {result.max_prefix_logprob_diff:.3g} "
-        f"(tolerance {result.logprob_tolerance:g})"
+        f"max |dlogprob| on shared prefixes: {drift:.3g} (tolerance {result.logprob_tolerance:g})"
+        if drift is not None
+        else "max |dlogprob| on shared prefixes: not measured (the endpoint returns no generated-token logprobs)"
     )
     for kind, stats in result.layer_stats.items():
         console.print(f"{kind}: " + ", ".join(f"{k} {v:.3g}" for k, v in stats.items()))

@@ -62,9 +62,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     pipeline = load_pipeline(Path(args.pipeline))
+    from qualgate.pipeline import check_backend
     from qualgate.plan import plan
 
     stacks = plan(pipeline, pipeline.built_layers(args.pipeline))
+    check_backend(pipeline, [p.stack for p in stacks], args.pipeline)
     print(f"{args.pipeline}: valid; {len(stacks)} stacks: " + ", ".join(p.stack.name for p in stacks))
     return 0
 

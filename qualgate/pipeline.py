@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from qualgate import __version__, golden, noise_floor
-from qualgate.backends import BACKENDS, Session, open_session
+from qualgate.backends import BACKENDS, Session, get_backend, open_session
 from qualgate.backends.openai_compat import HTTPBackend
 from qualgate.config import Pipeline
+from qualgate.errors import ConfigError
 from qualgate.gate import Finding, judge, worst_status
 from qualgate.instruments.benchmarks import run as benchmarks_run
 from qualgate.instruments.benchmarks.paired import compare_task, holm
@@ -51,6 +52,17 @@ def _git() -> dict[str, Any]:
         return {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
+
+
+def check_backend(pipeline: Pipeline, stacks: list[Stack], where: str) -> None:
+    """Every planned stack can be opened on the pipeline's backend (its layers, its endpoint, its engine
+    environment): a mistake is exit 2 before anything runs, not a failure after hours of earlier stacks."""
+    backend = get_backend(pipeline.backend.name, **pipeline.backend.options)
+    for stack in stacks:
+        try:
+            backend.check(stack)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
 
 class Runner:
@@ -378,6 +390,7 @@ class Runner:
     # -- run ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.check_gate_against_noise_floor()
+        check_backend(self.pipeline, [p.stack for p in self.planned], self.where)
         fidelity = self.pipeline.instruments.fidelity
         golden_manifest = golden.read_manifest(Path(fidelity.golden)).model_dump() if fidelity else None
         stacks: list[dict[str, Any]] = []

@@ -140,3 +140,26 @@ def test_engine_counters_are_differences_per_generation() -> None:
     after = Counters({"prefix_prompt_tokens": 140.0, "prefix_reused_tokens": 64.0, "proposed_tokens": 12.0})
     stats = after.minus(before)
     assert stats["prefix_reused_tokens"] == 32 and stats["prefix_hits"] == 1 and stats["proposed_tokens"] == 4
+
+
+def test_endpoint_pipeline_validates_and_names_a_missing_endpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every stack needs an endpoint: a typo is exit 2 at validate (and before a run starts), naming the
+    stack, the nearest key and the fix."""
+    from helpers import REPO
+
+    from qualgate.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["validate", "pipelines/endpoints.yaml"]) == 0
+    assert "base, kv-fp8-e4m3, kv-fp8-e4m3+spec-ngram4" in capsys.readouterr().out
+    broken = tmp_path / "endpoints.yaml"
+    broken.write_text((REPO / "pipelines" / "endpoints.yaml").read_text().replace("kv-fp8-e4m3:", "kv-fp8-e4m4:"))
+    assert main(["validate", str(broken)]) == 2
+    assert main(["run", str(broken), "--out", str(tmp_path / "run"), "--no-tracking"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0] == err[1]
+    assert err[0].startswith(f"qualgate: error: {broken}: backend 'openai': no endpoint for stack 'kv-fp8-e4m3'")
+    assert "did you mean 'kv-fp8-e4m4'" in err[0] and "add 'kv-fp8-e4m3: {base_url: ..., model: ...}'" in err[0]
+    assert not (tmp_path / "run" / "report.json").exists()

@@ -114,7 +114,7 @@ def test_lossless_layers_pass_on_every_bundled_prompt_set(layer: dict[str, Any])
     prompts = [p for name in ALL_PROMPTS for p in _prompts(name)]
     result = _run([layer], prompts)
     assert result.passed and result.real_divergences == 0 and result.exact_matches == result.samples
-    assert result.max_prefix_logprob_diff < result.logprob_tolerance
+    assert result.max_prefix_logprob_diff is not None and result.max_prefix_logprob_diff < result.logprob_tolerance
     if layer["kind"] == "speculation":
         spec = result.layer_stats["speculation"]
         assert 0 < spec["acceptance_rate"] < 1 and spec["mean_acceptance_length"] > 1

@@ -138,6 +138,10 @@ class OpenAIBackend(HTTPBackend):
         # The endpoint already applies its layers; the pipeline's layers describe what it serves.
         return True
 
+    def check(self, stack: Stack) -> None:
+        super().check(stack)
+        self.endpoint(stack)  # every stack has an endpoint: a typo fails before the first stack runs
+
     def endpoint(self, stack: Stack) -> Endpoint:
         o = self.options
         for key in (stack.name, stack.label):

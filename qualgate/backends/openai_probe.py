@@ -4,7 +4,7 @@ server whose logprobs would silently corrupt scores (NOTES.md: engines over HTTP
 Two response shapes exist: the legacy OpenAI `echo` + `logprobs` (tokens, token_logprobs,
 top_logprobs; llama.cpp servers, TGI-style proxies) and vLLM's `prompt_logprobs` (one entry per
 prompt token, None first). The checks are pure functions over a parsed response, so each engine's
-quirk is tested on a recorded response; the backend that uses them comes with the engine issue.
+quirk is tested on a recorded response (and, end to end, on endpoints shaped like each engine).
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def problems(parsed: PromptLogprobs, expected_tokens: list[str], generated: int 
     the prompt text, without BOS); empty when they can be trusted position by position."""
     found = []
     n = len(expected_tokens)
+    if not parsed.tokens and n > 0:
+        return ["no logprobs in the response: the server ignores `logprobs` on completions (generation only)"]
     if len(parsed.tokens) == generated and n > 0:
         return [f"logprobs cover only the {generated} generated tokens, not the {n}-token prompt (echo ignored)"]
     if len(parsed.tokens) != n + generated or len(parsed.logprobs) != len(parsed.tokens):

@@ -175,9 +175,11 @@ class OpenAISession(TokenizedSession):
         choice = self.client.one(body)["choices"][0]
         after = self.metrics.read()
         logprobs = choice.get("logprobs") or {}
-        token_ids = [self.piece_id(t) for t in logprobs.get("tokens") or []]
-        if any(t < 0 for t in token_ids):
-            # No token ids and a piece the tokenizer does not know: re-tokenize the text instead.
+        pieces = list(logprobs.get("tokens") or [])
+        token_ids = [self.piece_id(t) for t in pieces]
+        if not pieces or any(t < 0 for t in token_ids):
+            # No logprobs (a generation-only endpoint) or a piece the tokenizer does not know: the
+            # text re-tokenized is the closest to the engine's tokens we can get.
             token_ids = self.encode(choice.get("text") or "", add_bos=False)
         tops = logprobs.get("top_logprobs") or []
         k = min([top_k, *(len(t or {}) for t in tops)]) if tops else 0

@@ -117,6 +117,10 @@ class VLLMBackend(HTTPBackend):
             isinstance(layer, DraftModel) and layer.method != "draft_model"  # typical acceptance: not in vLLM V1
         )
 
+    def check(self, stack: Stack) -> None:
+        super().check(stack)
+        self.spec(stack)  # the vLLM environment exists: found before any stack runs, not at the first vLLM one
+
     def spec(self, stack: Stack) -> ServerSpec:
         o = self.options
         command = (vllm_python(o.python), "-m", "vllm.entrypoints.openai.api_server", *vllm_args(stack, o))

@@ -65,7 +65,7 @@ class EquivalenceResult:
     samples: int
     exact_matches: int
     divergences: list[Divergence]
-    max_prefix_logprob_diff: float
+    max_prefix_logprob_diff: float | None  # None: no pair had generated-token logprobs to compare
     logprob_tolerance: float
     eps: float
     layer_stats: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -114,13 +114,21 @@ def first_divergence(reference: Sequence[int], candidate: Sequence[int]) -> int 
     return None if len(reference) == len(candidate) else min(len(reference), len(candidate))
 
 
+def _has_top(gen: Generation, positions: int, k: int) -> bool:
+    """Whether `gen` carries top-k logprobs for its first `positions` tokens (endpoints that return
+    no generated-token logprobs, e.g. TGI's completions, give none)."""
+    return gen.top_logprobs.ndim == 2 and gen.top_logprobs.shape[0] >= positions and gen.top_logprobs.shape[1] >= k
+
+
 def classify(ref: Generation, cand: Generation, position: int, eps: float, decode: Any) -> Divergence:
     """Build the explanation of one divergence from the reference's distribution at `position`."""
     ref_token = ref.token_ids[position] if position < len(ref.token_ids) else None
     cand_token = cand.token_ids[position] if position < len(cand.token_ids) else None
     margin = rank = None
     kind = "real"
-    if ref_token is not None and cand_token is not None:
+    # A reference without top-2 logprobs there (a generation-only endpoint) cannot tell a near-tie:
+    # the divergence stays real, the conservative reading.
+    if ref_token is not None and cand_token is not None and _has_top(ref, position + 1, 2):
         ids = ref.top_ids[position].tolist()
         lps = ref.top_logprobs[position]
         margin = float(lps[0] - lps[1])
@@ -250,7 +258,7 @@ def run_equivalence(
     divergences: list[Divergence] = []
     cand_all: list[Generation] = []
     exact = samples = 0
-    max_diff = 0.0
+    max_diff: float | None = None
     for run in runs:
         cand_gens = [_generate(candidate, p, config, f"{run}-{i}", saves) for i, p in enumerate(prompts)]
         cand_all.extend(cand_gens)
@@ -258,10 +266,10 @@ def run_equivalence(
             samples += 1
             position = first_divergence(ref.token_ids, cand.token_ids)
             shared = len(ref.token_ids) if position is None else position
-            if shared:
+            if shared and _has_top(ref, shared, 1) and _has_top(cand, shared, 1):
                 # Teacher-forced check on the shared prefix: the chosen tokens' logprobs of both sides.
                 diff = np.abs(ref.top_logprobs[:shared, 0] - cand.top_logprobs[:shared, 0])
-                max_diff = max(max_diff, float(diff.max()))
+                max_diff = max(max_diff or 0.0, float(diff.max()))
             if position is None:
                 exact += 1
                 continue
@@ -270,7 +278,7 @@ def run_equivalence(
     # Per-generation counters when the backend reports them (they survive a resume); else the session's.
     stats = aggregate_layer_stats(cand_all) or candidate.layer_stats()
     problems = []
-    if max_diff > config.logprob_tolerance:
+    if max_diff is not None and max_diff > config.logprob_tolerance:
         problems.append(f"shared-prefix logprobs differ by {max_diff:.3g} > {config.logprob_tolerance:g}")
     prefix_stats = stats.get("prefix_cache")
     if prefix_stats is not None and prefix_stats.get("hits", 0) == 0:
