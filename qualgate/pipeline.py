@@ -391,6 +391,7 @@ class Runner:
     def run(self) -> dict[str, Any]:
         self.check_gate_against_noise_floor()
         check_backend(self.pipeline, [p.stack for p in self.planned], self.where)
+        HTTPBackend.reports.clear()  # this run's probes only (a process may run several pipelines)
         fidelity = self.pipeline.instruments.fidelity
         golden_manifest = golden.read_manifest(Path(fidelity.golden)).model_dump() if fidelity else None
         stacks: list[dict[str, Any]] = []

@@ -44,6 +44,26 @@ def assert_lossless(instruments: dict[str, Any], layer: str, counter: str) -> No
     assert equivalence["layer_stats"][layer][counter] > 0, f"the engine's {layer} was not exercised"
 
 
+def assert_mlflow_layout(run_dir: Path, report: dict[str, Any]) -> None:
+    """The same MLflow tree as an HF run: one parent, one nested child per stack with its numbers."""
+    from mlflow.tracking import MlflowClient
+
+    from qualgate.tracking.state import TrackingState
+
+    state = TrackingState.load(run_dir)
+    assert state.status == "logged", state
+    client = MlflowClient(state.uri)
+    parent = client.get_run(state.parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    by_name = {r.info.run_name: r for r in children}
+    assert sorted(by_name) == sorted(s["name"] for s in report["stacks"])
+    for stack in report["stacks"]:
+        logged = by_name[stack["name"]].data.metrics["fidelity/kl_mean"]
+        assert logged == pytest.approx(stack["instruments"]["fidelity"]["kl_mean"]["value"])
+
+
 @pytest.fixture(scope="module")
 def llama_cpp_installed() -> None:
     try:
@@ -69,9 +89,11 @@ def test_demo_ladder_on_llama_cpp(tmp_path: Path, llama_cpp_installed: None) -> 
     (tmp_path / "pipeline.yaml").write_text(
         path.read_text().replace("general.jsonl", "general.jsonl\n    - evals/prompts/shared_prefix.jsonl")
     )
-    assert run_pipeline(path, tmp_path / "run", "--no-tracking") in (0, 1)
-    found = stacks(json.loads((tmp_path / "run" / "report.json").read_text()))
+    assert run_pipeline(path, tmp_path / "run") in (0, 1)  # logged to the tests' MLflow store
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    found = stacks(report)
     assert_engine_baseline(found["base"])
+    assert_mlflow_layout(tmp_path / "run", report)
     quantized = found["gguf-q4_k_m+kv-q8_0"]["fidelity"]
     assert quantized["kl_mean"]["value"] > 1000 * found["base"]["fidelity"]["kl_mean"]["value"]
     assert quantized["merged_mass"] == 0.0, "in process: full logits, nothing merged"
@@ -88,34 +110,56 @@ def vllm_env() -> Path:
     return VLLM_PYTHON
 
 
-def test_demo_ladder_on_managed_vllm(tmp_path: Path, vllm_env: Path) -> None:
-    path = pipeline_file(
-        tmp_path,
-        {
-            "kv": {"kind": "kv_quant", "method": "fp8"},
-            "spec": {"kind": "speculation", "method": "ngram", "num_speculative_tokens": 4},
-            "prefix": {"kind": "prefix_cache", "method": "block", "block_size": 32},
-        },
-        stacks=[{"layers": ["kv"]}, {"layers": ["spec"]}, {"layers": ["prefix"]}],
-        backend={"name": "vllm", "options": {"python": str(vllm_env), "max_model_len": 1024, "block_size": 32}},
-    )
-    (tmp_path / "pipeline.yaml").write_text(
-        path.read_text().replace("general.jsonl", "general.jsonl\n    - evals/prompts/shared_prefix.jsonl")
-    )
-    assert run_pipeline(path, tmp_path / "run", "--no-tracking") in (0, 1)
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
+def cpu_keeps_fp8_kv() -> bool:
+    """vLLM's CPU attention stores an FP8 KV cache only on x86 with AVX-512 or AMX (cpu_attn.py)."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def test_demo_ladder_on_managed_vllm(tmp_path: Path, vllm_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The ladder with the FP8 KV stack last. Where this CPU cannot run vLLM's FP8 KV cache, that
+    stack's server fails to start: exit 3 naming vLLM's reason, the finished stacks kept, and a rerun
+    without it reuses them (no server starts)."""
+    layers = {
+        "kv": {"kind": "kv_quant", "method": "fp8"},
+        "spec": {"kind": "speculation", "method": "ngram", "num_speculative_tokens": 4},
+        "prefix": {"kind": "prefix_cache", "method": "block", "block_size": 32},
+    }
+    backend = {"name": "vllm", "options": {"python": str(vllm_env), "max_model_len": 1024, "block_size": 32}}
+
+    def write(stack_layers: list[list[str]]) -> Path:
+        path = pipeline_file(tmp_path, layers, stacks=[{"layers": x} for x in stack_layers], backend=backend)
+        path.write_text(
+            path.read_text().replace("general.jsonl", "general.jsonl\n    - evals/prompts/shared_prefix.jsonl")
+        )
+        return path
+
+    run = tmp_path / "run"
+    code = run_pipeline(write([["spec"], ["prefix"], ["kv"]]), run, "--no-tracking")
+    fp8 = cpu_keeps_fp8_kv()
+    if not fp8:
+        err = capsys.readouterr().err
+        assert code == 3, err
+        assert "FP8 KV cache on CPU requires x86 with AVX-512 or AMX" in err and "engine-logs/vllm-" in err
+        assert not (run / "report.json").exists() and not POOL.servers
+        code = run_pipeline(write([["spec"], ["prefix"]]), run, "--no-tracking")
+        assert "starting vllm server" not in capsys.readouterr().err, "finished stacks are reused, not rerun"
+    assert code in (0, 1)
+    report = json.loads((run / "report.json").read_text())
     found = stacks(report)
     assert_engine_baseline(found["base"])
-    kv = found["kv-fp8-e4m3"]["fidelity"]
-    assert kv["kl_mean"]["value"] > 1000 * found["base"]["fidelity"]["kl_mean"]["value"]
-    assert kv["merged_mass"] < 0.01, "vLLM returned (nearly) all of the reference's top-64"
     assert_lossless(found["spec-ngram4"], "speculation", "accepted_tokens")
     assert_lossless(found["prefix-cache"], "prefix_cache", "hits")
-    probes = report["provenance"]["engine_probes"]
-    assert probes and all(p["mode"] == "token_ids" and p["top_k"] == 64 for p in probes.values())
-    assert probes["base"]["canary_mean_abs_diff"] < 1e-3 < probes["kv-fp8-e4m3"]["canary_mean_abs_diff"]
-    logs = list((tmp_path / "run" / "engine-logs").glob("vllm-*.log"))
+    logs = list((run / "engine-logs").glob("vllm-*.log"))
     assert len(logs) == 4 and not POOL.servers, "one server per stack, all stopped with the run"
+    if fp8:
+        kv = found["kv-fp8-e4m3"]["fidelity"]
+        assert kv["kl_mean"]["value"] > 1000 * found["base"]["fidelity"]["kl_mean"]["value"]
+        assert kv["merged_mass"] < 0.01, "vLLM returned (nearly) all of the reference's top-64"
+        probes = report["provenance"]["engine_probes"]
+        assert all(p["mode"] == "token_ids" and p["top_k"] == 64 for p in probes.values())
+        assert probes["base"]["canary_mean_abs_diff"] < 1e-3 < probes["kv-fp8-e4m3"]["canary_mean_abs_diff"]
 
 
 @pytest.fixture(scope="module")

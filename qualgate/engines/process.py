@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,6 +38,29 @@ def log_tail(path: Path, lines: int = 8) -> str:
     except OSError:
         return ""
     return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+
+
+# "NotImplementedError: FP8 KV cache on CPU requires ..." after any logger prefix ("(Worker pid=1) ERROR ... ]").
+_EXCEPTION = re.compile(r"(?:^|[\s\]])((?:[A-Za-z_][\w.]*)?(?:Error|Exception): \S.*)$")
+
+
+def startup_failure(path: Path) -> str:
+    """Why a server died while starting: the first exception its log raised (the root cause; engines
+    wrap it in generic ones after it), else the log's last lines. The log's path follows."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return f"(no log at {path})"
+    found: list[tuple[bool, str]] = []  # (ends a traceback, the exception line)
+    in_traceback = False
+    for line in text.splitlines():
+        in_traceback = in_traceback or "Traceback (most recent call last)" in line
+        match = _EXCEPTION.search(line.strip())
+        if match:
+            found.append((in_traceback, match.group(1).strip()))
+    # An exception a traceback ends in beats one a library merely logged while importing.
+    cause = next((text for raised, text in found if raised), found[0][1] if found else log_tail(path))
+    return f"{cause} (log: {path})"
 
 
 class ServerProcess:
@@ -74,7 +98,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 code = self.process.returncode
                 self.process = None
-                raise InfrastructureError(f"{self.name} exited with code {code} while starting: {log_tail(self.log)}")
+                raise InfrastructureError(f"{self.name} exited with code {code} while starting: {startup_failure(self.log)}")
             try:
                 if ready():
                     return
