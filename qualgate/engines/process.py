@@ -98,7 +98,9 @@ class ServerProcess:
             if self.process.poll() is not None:
                 code = self.process.returncode
                 self.process = None
-                raise InfrastructureError(f"{self.name} exited with code {code} while starting: {startup_failure(self.log)}")
+                raise InfrastructureError(
+                    f"{self.name} exited with code {code} while starting: {startup_failure(self.log)}"
+                )
             try:
                 if ready():
                     return
