@@ -81,9 +81,10 @@ def test_demo_ladder_on_llama_cpp(tmp_path: Path, llama_cpp_installed: None) -> 
             "q4": {"kind": "weight_quant", "method": "gguf", "type": "Q4_K_M"},
             "kv": {"kind": "kv_quant", "method": "ggml", "type_k": "q8_0", "type_v": "q8_0"},
             "spec": {"kind": "speculation", "method": "ngram", "num_speculative_tokens": 4},
+            "draft": {"kind": "speculation", "method": "draft_model", "num_speculative_tokens": 4},
             "prefix": {"kind": "prefix_cache", "method": "block"},
         },
-        stacks=[{"layers": ["q4", "kv"]}, {"layers": ["spec"]}, {"layers": ["prefix"]}],
+        stacks=[{"layers": ["q4", "kv"]}, {"layers": ["spec"]}, {"layers": ["draft"]}, {"layers": ["prefix"]}],
         backend={"name": "llamacpp", "options": {"n_threads": 2}},
     )
     (tmp_path / "pipeline.yaml").write_text(
@@ -98,6 +99,7 @@ def test_demo_ladder_on_llama_cpp(tmp_path: Path, llama_cpp_installed: None) -> 
     assert quantized["kl_mean"]["value"] > 1000 * found["base"]["fidelity"]["kl_mean"]["value"]
     assert quantized["merged_mass"] == 0.0, "in process: full logits, nothing merged"
     assert_lossless(found["spec-ngram4"], "speculation", "accepted_tokens")
+    assert_lossless(found["spec-draft4"], "speculation", "accepted_tokens")  # the bundled draft, as GGUF
     assert_lossless(found["prefix-cache"], "prefix_cache", "hits")
 
 

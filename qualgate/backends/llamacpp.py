@@ -1,9 +1,10 @@
 """The `llamacpp` backend: llama.cpp in process through llama-cpp-python, managed by qualgate.
 
 The stack's model is converted to GGUF once (qualgate.engines.gguf_convert), quantized with
-llama.cpp's own quantizer for a `gguf` layer, and loaded with the stack's KV cache types, prompt-lookup
-speculation and prompt reuse. In process, the engine returns the full logits at every position, so
-fidelity is exact (no top-k merging) and prompts are token ids (no re-tokenization).
+llama.cpp's own quantizer for a `gguf` layer, and loaded with the stack's KV cache types, speculation
+(prompt lookup, or a draft model itself converted to GGUF) and prompt reuse. In process, the engine
+returns the full logits at every position, so fidelity is exact (no top-k merging) and prompts are
+token ids (no re-tokenization).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from qualgate.errors import ConfigError, MissingDependencyError
 from qualgate.layers import Layer
 from qualgate.layers.engine import GGMLKV, GGUFQuant
 from qualgate.layers.prefix_cache import BlockPrefixCache
-from qualgate.layers.speculation import Ngram
+from qualgate.layers.speculation import DraftModel, Ngram
+from qualgate.models import ModelSpec
 from qualgate.stack import Stack
 from qualgate.validation import validate
 
@@ -46,19 +48,37 @@ class LlamaCppBackend(Backend):
         self.options = validate(LlamaCppOptions, options, "backend 'llamacpp' options")
 
     def supports(self, layer: Layer[Any]) -> bool:
+        # Draft models verify greedily here; a lossy acceptance rule (a DraftModel subclass) is not llama.cpp's.
+        if isinstance(layer, DraftModel):
+            return layer.method == "draft_model"
         return isinstance(layer, (GGUFQuant, GGMLKV, Ngram, BlockPrefixCache))
 
     def open(self, stack: Stack) -> LlamaCppSession:
         return LlamaCppSession(stack, self.options)
 
 
-class LookupCounter:
-    """llama-cpp-python's prompt-lookup drafter, remembering its last draft so acceptance is counted."""
+class GGUFDraft:
+    """A draft model in llama.cpp (llama-cpp-python's LlamaDraftModel protocol): greedy proposals from
+    a second Llama, which keeps the KV of the longest prefix it shares with the last call."""
 
-    def __init__(self, max_ngram_size: int, num_pred_tokens: int) -> None:
-        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    def __init__(self, llm: Any, num_pred_tokens: int) -> None:
+        self.llm = llm
+        self.num_pred_tokens = num_pred_tokens
 
-        self.inner = LlamaPromptLookupDecoding(max_ngram_size=max_ngram_size, num_pred_tokens=num_pred_tokens)
+    def __call__(self, input_ids: Any, /, **kwargs: Any) -> Any:
+        out: list[int] = []
+        for token in self.llm.generate([int(t) for t in input_ids], top_k=1, temp=0.0, reset=True):
+            out.append(int(token))
+            if len(out) >= self.num_pred_tokens:
+                break
+        return np.asarray(out, dtype=np.intc)
+
+
+class DraftCounter:
+    """Wraps a llama-cpp-python drafter, remembering its last draft so acceptance is counted."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
         self.last: list[int] = []
         self.fresh = False  # a draft (maybe empty) was made since the last token was counted
 
@@ -93,25 +113,45 @@ class LlamaCppSession(TokenizedSession):
             kwargs["type_v"] = _ggml_type(llama_cpp, kv.params.type_v)
             # llama.cpp quantizes the V cache only with flash attention.
             kwargs["flash_attn"] = kv.params.type_v not in ("f16", "f32", "bf16")
-        spec = stack.layer("speculation")
-        self.drafter: LookupCounter | None = None
-        if isinstance(spec, Ngram):
-            self.drafter = LookupCounter(spec.params.prompt_lookup_max, spec.params.num_speculative_tokens)
+        self.drafter = self._drafter(stack, options, llama_cpp)
+        if self.drafter is not None:
             kwargs["draft_model"] = self.drafter
         self.reuse_prompts = isinstance(stack.layer("prefix_cache"), BlockPrefixCache)
         self.gguf = path
-        self.llm = llama_cpp.Llama(
+        self.llm = self._load(llama_cpp, path, options, logits_all=True, **kwargs)
+        self._check_tokenizer()
+
+    def _load(self, llama_cpp: Any, path: Path, options: LlamaCppOptions, **kwargs: Any) -> Any:
+        return llama_cpp.Llama(
             model_path=str(path),
             n_ctx=self.max_positions,
             n_batch=options.n_batch,
             n_ubatch=options.n_batch,
             n_threads=options.n_threads,
-            logits_all=True,
             seed=0,
             verbose=False,
             **kwargs,
         )
-        self._check_tokenizer()
+
+    def _drafter(self, stack: Stack, options: LlamaCppOptions, llama_cpp: Any) -> DraftCounter | None:
+        spec = stack.layer("speculation")
+        if isinstance(spec, Ngram):
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            lookup = LlamaPromptLookupDecoding(
+                max_ngram_size=spec.params.prompt_lookup_max, num_pred_tokens=spec.params.num_speculative_tokens
+            )
+            return DraftCounter(lookup)
+        if isinstance(spec, DraftModel):
+            draft_spec = ModelSpec(path=spec.params.draft, dtype=stack.model.dtype)
+            draft = self._load(llama_cpp, baseline_gguf(draft_spec, Path(options.cache_dir)), options)
+            if draft.n_vocab() != self.n_vocab:
+                raise ConfigError(
+                    f"layer '{spec.name}': draft '{spec.params.draft}' has {draft.n_vocab()} tokens, the model "
+                    f"{self.n_vocab}; a draft model must share the target's tokenizer"
+                )
+            return DraftCounter(GGUFDraft(draft, spec.params.num_speculative_tokens))
+        return None
 
     def _check_tokenizer(self) -> None:
         ours = self.encode(CANARY)
@@ -141,7 +181,7 @@ class LlamaCppSession(TokenizedSession):
     ) -> ScoreResult:
         ids = [int(t) for t in token_ids]
         self._check_length(len(ids), "a scored sequence")
-        self.llm.reset()  # type: ignore[no-untyped-call]
+        self.llm.reset()
         step = block_size or len(ids)
         for start in range(0, len(ids) - 1, step):
             self.llm.eval(ids[start : min(start + step, len(ids) - 1)])
@@ -172,7 +212,7 @@ class LlamaCppSession(TokenizedSession):
                 "prefix_reused_tokens": float(shared),
             }
         else:
-            self.llm.reset()  # type: ignore[no-untyped-call]  # no reuse: llama-cpp-python would otherwise reuse the previous prompt's KV
+            self.llm.reset()  # no reuse: llama-cpp-python would otherwise reuse the previous prompt's KV
         out: list[int] = []
         proposed = accepted = steps = 0
         pending: list[int] = []
