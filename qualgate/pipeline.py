@@ -194,7 +194,20 @@ class Runner:
         backend = BACKENDS.get(self.pipeline.backend.name)
         if "log_dir" in getattr(getattr(backend, "Options", None), "model_fields", {}):
             options.setdefault("log_dir", str(self.out / "engine-logs"))
-        return open_session(stack, self.pipeline.backend.name, **options)
+        session = open_session(stack, self.pipeline.backend.name, **options)
+        probe = HTTPBackend.reports.get(stack.name)
+        if probe is not None:
+            # A record of its own: a resumed run that reuses this stack still reports its probe.
+            self.store.put(self._probe_key(stack.name), probe.as_dict())
+        return session
+
+    def _probe_key(self, name: str) -> str:
+        return identity_key({"engine_probe": name, "backend": self.pipeline.backend.model_dump()})
+
+    def engine_probes(self) -> dict[str, Any]:
+        """What the capability probe found on each planned stack's endpoint (HTTP backends)."""
+        found = {p.stack.name: self.store.get(self._probe_key(p.stack.name)) for p in self.planned}
+        return {name: probe for name, probe in found.items() if probe is not None}
 
     # -- gate ---------------------------------------------------------------------------------------
     def _gated(self, finding: Finding) -> Finding:
@@ -440,7 +453,7 @@ class Runner:
                 "tracking": self.pipeline.tracking.model_dump(),
                 "data": self.data_provenance(golden_manifest),
                 # What each served endpoint's capability probe found (mode, top-k, canary agreement).
-                "engine_probes": {name: r.as_dict() for name, r in HTTPBackend.reports.items()},
+                "engine_probes": self.engine_probes(),
             },
             "stacks": stacks,
             "compound": compound_table(self.planned, stacks),
