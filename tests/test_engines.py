@@ -175,3 +175,11 @@ def test_server_startup_failure_names_the_root_cause() -> None:
     assert startup_failure(log) == (
         f"NotImplementedError: FP8 KV cache on CPU requires x86 with AVX-512 or AMX. (log: {log})"
     )
+
+
+def test_vllm_fp8_weights_in_float32_are_refused_before_a_server_starts(tmp_path: Path) -> None:
+    python = tmp_path / "python"
+    python.touch()
+    fp8 = stack({"kind": "weight_quant", "method": "vllm", "quantization": "fp8"})
+    with pytest.raises(ConfigError, match="fp8 quantization runs in bfloat16 or float16, not float32"):
+        VLLMBackend(python=str(python)).check(fp8)

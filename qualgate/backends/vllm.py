@@ -119,6 +119,13 @@ class VLLMBackend(HTTPBackend):
 
     def check(self, stack: Stack) -> None:
         super().check(stack)
+        weights = stack.layer("weight_quant")
+        if isinstance(weights, VLLMQuant) and weights.params.quantization == "fp8" and stack.model.dtype == "float32":
+            # vLLM refuses this itself, but only after a server start, in a pydantic traceback.
+            raise ConfigError(
+                f"layer '{weights.name}': vLLM's fp8 quantization runs in bfloat16 or float16, not float32; "
+                "set model.dtype: bfloat16 (and make the golden from that baseline)"
+            )
         self.spec(stack)  # the vLLM environment exists: found before any stack runs, not at the first vLLM one
 
     def spec(self, stack: Stack) -> ServerSpec:
