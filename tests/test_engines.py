@@ -183,3 +183,27 @@ def test_vllm_fp8_weights_in_float32_are_refused_before_a_server_starts(tmp_path
     fp8 = stack({"kind": "weight_quant", "method": "vllm", "quantization": "fp8"})
     with pytest.raises(ConfigError, match="fp8 quantization runs in bfloat16 or float16, not float32"):
         VLLMBackend(python=str(python)).check(fp8)
+
+
+def test_a_managed_server_that_dies_mid_run_is_named_with_its_reason(tmp_path: Path) -> None:
+    """Not 'did not answer after 5 attempts': the server's exit and the exception in its log."""
+    import sys
+
+    from qualgate.backends.openai_http import CompletionsClient
+    from qualgate.engines.servers import ManagedServer, ServerSpec
+    from qualgate.errors import InfrastructureError
+
+    script = Path(__file__).parent / "dying_server.py"
+    spec = ServerSpec("fake", (sys.executable, str(script)), health="/health", startup_timeout=30, log_dir=tmp_path)
+    server = ManagedServer(spec).start()
+    try:
+        assert server.failure() is None, "healthy until the first request"
+        client = CompletionsClient(Endpoint(server.base_url, "m"), retries=1, backoff=0.01, diagnose=server.failure)
+        with pytest.raises(InfrastructureError) as caught:
+            client.one({"prompt": "x", "max_tokens": 1})
+    finally:
+        server.stop()
+    message = str(caught.value)
+    assert message.startswith(f"endpoint {server.base_url} (model 'm'): the server exited with code 1: ")
+    assert "RuntimeError: Unsupported CPU attention configuration: head_dim=16" in message
+    assert str(server.log) in message and message.endswith("finished work is kept")

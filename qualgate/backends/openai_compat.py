@@ -109,10 +109,12 @@ class HTTPBackend(Backend):
     def open(self, stack: Stack) -> OpenAISession:
         return self.open_on(stack, self.endpoint(stack))
 
-    def open_on(self, stack: Stack, endpoint: Endpoint) -> OpenAISession:
+    def open_on(
+        self, stack: Stack, endpoint: Endpoint, diagnose: Callable[[], str | None] | None = None
+    ) -> OpenAISession:
         o = self.options
         tokenizer = _tokenizer(stack.model.model_dump_json())
-        client = CompletionsClient(endpoint, o.concurrency, o.timeout, o.retries)
+        client = CompletionsClient(endpoint, o.concurrency, o.timeout, o.retries, diagnose=diagnose)
         session = OpenAISession(
             stack,
             endpoint,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,13 @@ class CompletionsClient:
     """Sends /v1/completions requests; `many` runs them concurrently, at most `concurrency` at a time."""
 
     def __init__(
-        self, endpoint: Endpoint, concurrency: int = 4, timeout: float = 300.0, retries: int = 4, backoff: float = 0.5
+        self,
+        endpoint: Endpoint,
+        concurrency: int = 4,
+        timeout: float = 300.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+        diagnose: Callable[[], str | None] | None = None,
     ) -> None:
         try:
             import openai  # noqa: F401
@@ -47,6 +53,7 @@ class CompletionsClient:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.diagnose = diagnose  # a managed server's own account of why it stopped answering
 
     def one(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.many([body])[0]
@@ -101,6 +108,9 @@ class CompletionsClient:
                 last = exc
             if attempt < retries:
                 await asyncio.sleep(self.backoff * 2**attempt * (1 + random.random()))
+        cause = self.diagnose() if self.diagnose is not None else None
+        if cause:
+            raise InfrastructureError(f"endpoint {self.endpoint}: the server {cause}; finished work is kept")
         raise InfrastructureError(
             f"endpoint {self.endpoint} did not answer after {retries + 1} attempt(s) "
             f"({type(last).__name__}: {_message(last)}); check that the server is up, finished work is kept"

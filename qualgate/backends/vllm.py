@@ -137,7 +137,7 @@ class VLLMBackend(HTTPBackend):
     def open(self, stack: Stack) -> OpenAISession:
         server: ManagedServer = POOL.acquire(self.spec(stack))
         try:
-            session = self.open_on(stack, Endpoint(server.base_url, SERVED_NAME))
+            session = self.open_on(stack, Endpoint(server.base_url, SERVED_NAME), diagnose=server.failure)
         except BaseException:
             POOL.release(server)
             raise

@@ -44,23 +44,28 @@ def log_tail(path: Path, lines: int = 8) -> str:
 _EXCEPTION = re.compile(r"(?:^|[\s\]])((?:[A-Za-z_][\w.]*)?(?:Error|Exception): \S.*)$")
 
 
-def startup_failure(path: Path) -> str:
-    """Why a server died while starting: the first exception its log raised (the root cause; engines
-    wrap it in generic ones after it), else the log's last lines. The log's path follows."""
+def logged_exception(path: Path, raised_only: bool = False) -> str | None:
+    """The root-cause exception in a server's log: the first one a traceback ends in (engines wrap it in
+    generic ones after it), else (unless `raised_only`) the first one logged at all."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return f"(no log at {path})"
-    found: list[tuple[bool, str]] = []  # (ends a traceback, the exception line)
+        return None
+    found: list[tuple[bool, str]] = []  # (inside a traceback, the exception line)
     in_traceback = False
     for line in text.splitlines():
         in_traceback = in_traceback or "Traceback (most recent call last)" in line
         match = _EXCEPTION.search(line.strip())
         if match:
             found.append((in_traceback, match.group(1).strip()))
-    # An exception a traceback ends in beats one a library merely logged while importing.
-    cause = next((text for raised, text in found if raised), found[0][1] if found else log_tail(path))
-    return f"{cause} (log: {path})"
+    raised = next((text for inside, text in found if inside), None)
+    return raised if raised or raised_only else (found[0][1] if found else None)
+
+
+def startup_failure(path: Path) -> str:
+    """Why a server died while starting: its root-cause exception, else its log's last lines; then
+    the log's path."""
+    return f"{logged_exception(path) or log_tail(path) or '(empty log)'} (log: {path})"
 
 
 class ServerProcess:
@@ -111,6 +116,14 @@ class ServerProcess:
         raise InfrastructureError(
             f"{self.name} on port {self.port} did not come up within {timeout:.0f}s (log: {self.log})"
         )
+
+    def failure(self) -> str | None:
+        """Why this server stopped serving (it exited, or its log shows a traceback), for the error a
+        failed request raises; None while nothing says it failed."""
+        if self.process is not None and self.process.poll() is not None:
+            return f"exited with code {self.process.returncode}: {startup_failure(self.log)}"
+        cause = logged_exception(self.log, raised_only=True)
+        return f"raised {cause} (log: {self.log})" if cause else None
 
     @property
     def running(self) -> bool:
