@@ -15,7 +15,6 @@ import numpy as np
 
 from qualgate import __version__, golden, noise_floor
 from qualgate.backends import BACKENDS, Session, get_backend, open_session
-from qualgate.backends.openai_compat import HTTPBackend
 from qualgate.config import Pipeline
 from qualgate.errors import ConfigError
 from qualgate.gate import Finding, judge, worst_status
@@ -195,7 +194,7 @@ class Runner:
         if "log_dir" in getattr(getattr(backend, "Options", None), "model_fields", {}):
             options.setdefault("log_dir", str(self.out / "engine-logs"))
         session = open_session(stack, self.pipeline.backend.name, **options)
-        probe = HTTPBackend.reports.get(stack.name)
+        probe = getattr(session, "probe", None)  # HTTP sessions carry their endpoint's capability probe
         if probe is not None:
             # A record of its own: a resumed run that reuses this stack still reports its probe.
             self.store.put(self._probe_key(stack.name), probe.as_dict())
@@ -404,7 +403,6 @@ class Runner:
     def run(self) -> dict[str, Any]:
         self.check_gate_against_noise_floor()
         check_backend(self.pipeline, [p.stack for p in self.planned], self.where)
-        HTTPBackend.reports.clear()  # this run's probes only (a process may run several pipelines)
         fidelity = self.pipeline.instruments.fidelity
         golden_manifest = golden.read_manifest(Path(fidelity.golden)).model_dump() if fidelity else None
         stacks: list[dict[str, Any]] = []

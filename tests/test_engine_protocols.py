@@ -12,7 +12,7 @@ import pytest
 from engine_shapes import ShapedEngine
 
 from qualgate.backends.hf import HFSession
-from qualgate.backends.openai_compat import HTTPBackend, OpenAIBackend
+from qualgate.backends.openai_compat import OpenAIBackend
 from qualgate.backends.openai_session import OpenAISession
 from qualgate.backends.probe import ProbeFailed
 from qualgate.instruments.equivalence import EquivalenceConfig, Prompt, run_equivalence
@@ -44,7 +44,8 @@ def test_sglang_echo_with_a_scored_bos_is_measured_exactly(engine: ShapedEngine,
     """SGLang ignores prompt_logprobs and echoes BOS with a None logprob: echo mode, every text token
     scored, the numbers those of the model."""
     session = open_session(engine)
-    report = HTTPBackend.reports["sglang-stack"]
+    report = session.probe
+    assert report is not None and report.stack == "sglang-stack"
     assert (report.mode, report.token_id_prompts, report.top_k) == ("echo", True, 64)
     assert "prompt_logprobs ignored" in report.notes
     assert report.canary_mean_abs_diff is not None and report.canary_mean_abs_diff < 1e-5
@@ -71,7 +72,8 @@ def test_generation_only_endpoint_still_checks_token_identity(engine: ShapedEngi
     """require_scoring: false lets equivalence use an endpoint without logprobs: exact identity is
     checked, the shared-prefix drift is reported as not measured rather than as 0."""
     session = open_session(engine, require_scoring=False)
-    report = HTTPBackend.reports["tgi-stack"]
+    report = session.probe
+    assert report is not None and report.stack == "tgi-stack"
     assert not report.token_id_prompts and report.notes and report.canary_mean_abs_diff is None
     prompts = [Prompt("a", "The function returns"), Prompt("b", TEXT)]
     result = run_equivalence(session, hf, prompts, EquivalenceConfig(max_new_tokens=6))

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from qualgate.backends.base import Backend, register_backend
 from qualgate.backends.openai_http import CompletionsClient, Endpoint
 from qualgate.backends.openai_session import OpenAISession
-from qualgate.backends.probe import ProbeReport, probe
+from qualgate.backends.probe import probe
 from qualgate.errors import ConfigError
 from qualgate.layers import Layer
 from qualgate.models import ModelSpec, load_hf_tokenizer
@@ -98,7 +98,6 @@ class HTTPBackend(Backend):
     """Opens a probed OpenAISession on the endpoint that serves a stack."""
 
     Options: ClassVar[type[HTTPOptions]] = HTTPOptions
-    reports: ClassVar[dict[str, ProbeReport]] = {}  # stack name -> its endpoint's probe, for provenance
 
     def __init__(self, **options: Any) -> None:
         self.options = validate(self.Options, options, f"backend '{self.name}' options")
@@ -126,7 +125,7 @@ class HTTPBackend(Backend):
         )
         tolerance = o.canary_tolerance if stack.lossless else o.canary_tolerance_lossy
         reference = canary_reference(stack.model, o.canary)
-        HTTPBackend.reports[stack.name] = probe(session, reference, tolerance, o.require_scoring)
+        session.probe = probe(session, reference, tolerance, o.require_scoring)
         return session
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import urllib.request
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from qualgate.backends.rows import Row, score_from_rows
 from qualgate.backends.tokenized import TokenizedSession
 from qualgate.errors import InfrastructureError
 from qualgate.stack import Stack
+
+if TYPE_CHECKING:
+    from qualgate.backends.probe import ProbeReport
 
 ScoreMode = Literal["token_ids", "echo"]
 TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")  # vLLM's return_tokens_as_token_ids spelling
@@ -53,6 +56,7 @@ class OpenAISession(TokenizedSession):
         self.metrics = MetricsReader(endpoint)
         self._pieces: dict[str, int] | None = None
         self.on_close: Callable[[], None] | None = None  # a managed server's release
+        self.probe: ProbeReport | None = None  # what the capability probe found (run provenance)
 
     # -- requests ---------------------------------------------------------------------------------
     def score_body(self, token_ids: Sequence[int], top_k: int) -> dict[str, Any]:

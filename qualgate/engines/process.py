@@ -58,7 +58,7 @@ def logged_exception(path: Path, raised_only: bool = False) -> str | None:
         match = _EXCEPTION.search(line.strip())
         if match:
             found.append((in_traceback, match.group(1).strip()))
-    raised = next((text for inside, text in found if inside), None)
+    raised = next((line for inside, line in found if inside), None)
     return raised if raised or raised_only else (found[0][1] if found else None)
 
 
