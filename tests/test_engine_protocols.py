@@ -93,3 +93,14 @@ def test_server_wanting_boolean_logprobs_is_refused_with_the_reason(engine: Shap
     with pytest.raises(ProbeFailed, match="neither prompt_logprobs nor echo with logprobs is accepted") as caught:
         open_session(engine)
     assert "valid boolean" in str(caught.value), "the server's own words reach the user"
+
+
+def test_endpoint_serving_another_model_fails_the_canary() -> None:
+    """Same tokenizer, other weights (the bundled draft served as if it were the target): every protocol
+    check passes, the canary against the in-process target does not."""
+    draft = HFSession(Stack(model=ModelSpec(path="bundled:draft", dtype="float32")))
+    with ShapedEngine("sglang", draft) as shaped, pytest.raises(ProbeFailed) as caught:
+        open_session(shaped)
+    message = str(caught.value)
+    assert "the canary's logprobs differ from the in-process baseline" in message and "> 0.02" in message
+    assert "bundled:target" in message and caught.value.exit_code == 3
