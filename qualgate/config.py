@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from qualgate.errors import ConfigError
 from qualgate.instruments.benchmarks.config import BenchmarksConfig
 from qualgate.instruments.equivalence import EquivalenceConfig
+from qualgate.instruments.equivalence.check import TOLERANCE_FACTOR, TOLERANCE_FLOOR
 from qualgate.instruments.judge.config import JudgeConfig
 from qualgate.layers import Layer, build_layer
 from qualgate.models import ModelSpec
@@ -42,6 +43,7 @@ class FidelityInstrument(Strict):
     golden: str = Field(description="golden directory (qualgate golden record)")
     text: str | None = Field(None, description="domain text; default: the path in the golden manifest")
     block_size: int | None = Field(None, ge=1)
+    kv_scoring: Literal["serve", "blocks"] = "serve"
     kv_block_size: int = Field(32, ge=1)
 
 
@@ -49,11 +51,25 @@ class EquivalenceInstrument(Strict):
     prompts: list[str] = Field(min_length=1)
     max_new_tokens: int = Field(24, ge=1)
     eps: float = Field(0.125, ge=0)
-    logprob_tolerance: float = Field(1e-3, ge=0)
+    # None: calibrated per check from the reference stack's own noise in the candidate's shapes.
+    logprob_tolerance: float | None = Field(None, ge=0)
+    tolerance_factor: float = Field(TOLERANCE_FACTOR, gt=0)
+    tolerance_floor: float = Field(TOLERANCE_FLOOR, ge=0)
+    # Prompt pairs built from domain text for prefix caching and acceptance groups for speculation.
+    probes: bool = True
+    probe_text: str | None = Field(None, description="text for the probes; default: the fidelity domain text")
+    # Greedy continuations of lossy stacks scored as they serve (per-step KL, shape dependence).
+    decode_path: bool = True
 
     def config(self) -> EquivalenceConfig:
         return EquivalenceConfig.model_validate(
-            {"max_new_tokens": self.max_new_tokens, "eps": self.eps, "logprob_tolerance": self.logprob_tolerance}
+            {
+                "max_new_tokens": self.max_new_tokens,
+                "eps": self.eps,
+                "logprob_tolerance": self.logprob_tolerance,
+                "tolerance_factor": self.tolerance_factor,
+                "tolerance_floor": self.tolerance_floor,
+            }
         )
 
 
@@ -77,6 +93,14 @@ class Threshold(Strict):
     fail: float | None = None
 
 
+# A KV cache whose numbers depend on the block a token was written in: the KL between serving shapes of
+# one stack. A correct FP8 cache stays below 1e-4 on the bundled model (float32 kernels: ~1e-10); the
+# tiers are an order of magnitude under kl_mean's, because this is noise every stacked lossless layer
+# inherits, not the quantizer's accepted loss.
+SHAPE_KL_WARN = 0.001
+SHAPE_KL_FAIL = 0.01
+
+
 def default_gate() -> dict[str, Threshold]:
     """METRICS.md's starting tiers (tune per model family)."""
     return {
@@ -86,6 +110,7 @@ def default_gate() -> dict[str, Threshold]:
         "real_divergences": Threshold(fail=0),
         "recovery": Threshold(warn=0.99, fail=0.97),
         "net_loss": Threshold(warn=0.05, fail=0.10),
+        "shape_kl": Threshold(warn=SHAPE_KL_WARN, fail=SHAPE_KL_FAIL),
     }
 
 
@@ -104,7 +129,16 @@ class Pipeline(Strict):
         return {name: build_layer(spec, where=f"{where}: layers.{name}") for name, spec in self.layers.items()}
 
 
-GATE_METRICS = ("kl_mean", "same_top1", "ppl_ratio", "real_divergences", "recovery", "net_loss")
+GATE_METRICS = (
+    "kl_mean",
+    "same_top1",
+    "ppl_ratio",
+    "real_divergences",
+    "recovery",
+    "net_loss",
+    "shape_kl",
+    "decode_kl_mean",
+)
 
 
 def load_pipeline(path: Path) -> Pipeline:
@@ -154,6 +188,8 @@ def _paths(pipeline: Pipeline) -> list[str]:
             paths.append(pipeline.instruments.fidelity.text)
     if pipeline.instruments.equivalence is not None:
         paths.extend(pipeline.instruments.equivalence.prompts)
+        if pipeline.instruments.equivalence.probe_text:
+            paths.append(pipeline.instruments.equivalence.probe_text)
     if pipeline.instruments.benchmarks is not None:
         paths.extend(pipeline.instruments.benchmarks.include)
     if pipeline.instruments.judge is not None:

@@ -18,6 +18,8 @@ METRIC_DIRECTION: dict[str, bool] = {
     "real_divergences": True,
     "recovery": False,
     "net_loss": True,
+    "shape_kl": True,
+    "decode_kl_mean": True,
 }
 
 

@@ -15,17 +15,22 @@ import numpy as np
 
 from qualgate import __version__, golden, noise_floor
 from qualgate.backends import BACKENDS, Session, get_backend, open_session
+from qualgate.code_identity import class_identity
 from qualgate.config import Pipeline
 from qualgate.errors import ConfigError
 from qualgate.gate import Finding, judge, worst_status
 from qualgate.instruments.benchmarks import run as benchmarks_run
 from qualgate.instruments.benchmarks.paired import compare_task, holm
 from qualgate.instruments.benchmarks.run import TaskResult
+from qualgate.instruments.decode_path import BaselinePath, baseline_paths, run_decode_path
 from qualgate.instruments.equivalence import (
     GENERATION_KINDS,
+    Prompt,
     load_prompts,
+    prefix_probes,
     reference_stack,
     run_equivalence,
+    speculation_probes,
     without_generation_layers,
 )
 from qualgate.instruments.fidelity import compare, score_text
@@ -33,6 +38,7 @@ from qualgate.instruments.judge.client import JudgeClient, judge_identity
 from qualgate.instruments.judge.run import answers as judge_answers
 from qualgate.instruments.judge.run import load_prompts as load_judge_prompts
 from qualgate.instruments.judge.run import run_judge
+from qualgate.layers import Layer
 from qualgate.plan import PlannedStack, plan
 from qualgate.stack import Stack
 from qualgate.stats import proportion
@@ -82,16 +88,22 @@ class Runner:
         self.reused = 0
         self.computed = 0
         self.layers = pipeline.built_layers(where)
+        # The backend's configuration and its code (class and module sources) key every record.
+        self.backend_identity = {
+            **pipeline.backend.model_dump(),
+            "code": class_identity(BACKENDS.get(pipeline.backend.name)),
+        }
         self.planned = plan(pipeline, self.layers)
         self._golden: tuple[Any, ...] | None = None
         self._task_manager: Any = None
         # Every stack is compared with the same unoptimized model: its results are read once per run.
         self._baseline_benchmarks: dict[str, TaskResult] | None = None
         self._baseline_answers: list[str] | None = None
+        self._baseline_paths: list[BaselinePath] | None = None
 
     def _lookup(self, identity: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         """The store key of a unit of work (its identity plus the backend) and its record, if finished."""
-        key = identity_key({**identity, "backend": self.pipeline.backend.model_dump()})
+        key = identity_key({**identity, "backend": self.backend_identity})
         record = self.store.get(key)
         if record is not None:
             self.reused += 1
@@ -117,7 +129,9 @@ class Runner:
             assert inst is not None
             golden_dir = Path(inst.golden)
             manifest = golden.read_manifest(golden_dir)
-            config = manifest.fidelity_config(block_size=inst.block_size, kv_block_size=inst.kv_block_size)
+            config = manifest.fidelity_config(
+                block_size=inst.block_size, kv_scoring=inst.kv_scoring, kv_block_size=inst.kv_block_size
+            )
             text = golden.domain_text(golden_dir, manifest, inst.text)
             chunks, reference = golden.load(golden_dir, self.pipeline.model, text, config)
             self._golden = (golden_dir, config, chunks, reference, file_sha256(golden_dir / golden.SCORES))
@@ -156,6 +170,39 @@ class Runner:
         return record
 
     # -- equivalence ------------------------------------------------------------------------------
+    def probe_text(self) -> tuple[str, str] | None:
+        """(path, sha256) of the text the prefix-cache and speculation probes are cut from."""
+        inst = self.pipeline.instruments.equivalence
+        if inst is None or not inst.probes:
+            return None
+        path = inst.probe_text
+        if path is None and self.pipeline.instruments.fidelity is not None:
+            fidelity = self.pipeline.instruments.fidelity
+            manifest = golden.read_manifest(Path(fidelity.golden))
+            path = fidelity.text or manifest.text.get("source")
+        if path is None:
+            raise ConfigError(
+                f"{self.where}: instruments.equivalence.probes needs a text to build prompts from: set "
+                "equivalence.probe_text (a UTF-8 file of your domain), or probes: false"
+            )
+        return path, file_sha256(Path(path))
+
+    def equivalence_prompts(self, stack: Stack, session: Session) -> list[Prompt]:
+        """The prompt files, then probes cut from the domain text for the stack's lossless layers."""
+        inst = self.pipeline.instruments.equivalence
+        assert inst is not None
+        prompts = [p for path in inst.prompts for p in load_prompts(Path(path))]
+        probe = self.probe_text()
+        if probe is None:
+            return prompts
+        text_ids = session.encode(golden.read_text_file(probe[0]), add_bos=False)
+        prefix = stack.layer("prefix_cache")
+        if prefix is not None:
+            prompts += prefix_probes(text_ids, session.bos_token_id, int(getattr(prefix.params, "block_size", 16)))
+        if stack.layer("speculation") is not None:
+            prompts += speculation_probes(text_ids, session.bos_token_id)
+        return prompts
+
     def equivalence(self, stack: Stack) -> dict[str, Any] | None:
         inst = self.pipeline.instruments.equivalence
         if inst is None or not any(layer.kind in GENERATION_KINDS for layer in stack.layers):
@@ -170,20 +217,80 @@ class Runner:
                 "reference": reference.identity(),
                 "config": config.model_dump(),
                 "prompts": prompt_files,
+                "probes": self.probe_text(),
             }
         )
         if record is not None:
             return record
-        prompts = [p for path in inst.prompts for p in load_prompts(Path(path))]
         with (
             self._open(stack) as candidate,
             self._open(reference) as ref,
         ):
+            prompts = self.equivalence_prompts(stack, ref)
             checkpoint = self.store.generations(key)
             result = run_equivalence(candidate, ref, prompts, config, checkpoint=checkpoint)
         record = {"stack": stack.name, "summary": result.summary()}
         self.store.put(key, record)
         checkpoint.discard()
+        self.computed += 1
+        return record
+
+    # -- decode path --------------------------------------------------------------------------------
+    def _decode_prompts(self) -> tuple[dict[str, str], list[Prompt]]:
+        inst = self.pipeline.instruments.equivalence
+        assert inst is not None
+        files = {p: file_sha256(Path(p)) for p in inst.prompts}
+        return files, [p for path in inst.prompts for p in load_prompts(Path(path))]
+
+    def baseline_paths(self) -> list[BaselinePath]:
+        """The unoptimized model's greedy continuations of the equivalence prompts, scored as decoded;
+        computed once per run (a record)."""
+        if self._baseline_paths is None:
+            inst = self.pipeline.instruments.equivalence
+            assert inst is not None
+            files, prompts = self._decode_prompts()
+            base = Stack(model=self.pipeline.model)
+            key, record = self._lookup(
+                {
+                    "instrument": "decode-baseline",
+                    "stack": base.identity(),
+                    "prompts": files,
+                    "max_new_tokens": inst.max_new_tokens,
+                }
+            )
+            if record is None:
+                with self._open(base) as session:
+                    gens = session.generate([p.source for p in prompts], max_new_tokens=inst.max_new_tokens, top_k=2)
+                    record = {"paths": [path.as_record() for path in baseline_paths(session, gens)]}
+                self.store.put(key, record)
+                self.computed += 1
+            self._baseline_paths = [BaselinePath.from_record(r) for r in record["paths"]]
+        return self._baseline_paths
+
+    def decode_path(self, stack: Stack) -> dict[str, Any] | None:
+        """Decode-path fidelity of a lossy stack (shared by stacks that differ only in lossless layers)."""
+        inst = self.pipeline.instruments.equivalence
+        measured = without_generation_layers(stack)
+        if inst is None or not inst.decode_path or not measured.layers:
+            return None
+        files, _ = self._decode_prompts()
+        key, record = self._lookup(
+            {
+                "instrument": "decode-path",
+                "stack": measured.identity(),
+                "prompts": files,
+                "max_new_tokens": inst.max_new_tokens,
+            }
+        )
+        if record is not None:
+            return record
+        paths = self.baseline_paths()
+        with self._open(measured) as session:
+            if not session.capabilities.block_scoring:
+                return None  # an endpoint decides its own shapes: the generation check is equivalence's
+            summary = run_decode_path(session, paths, inst.max_new_tokens)
+        record = {"stack": measured.name, "summary": summary}
+        self.store.put(key, record)
         self.computed += 1
         return record
 
@@ -220,6 +327,8 @@ class Runner:
         equivalence: dict[str, Any] | None,
         benchmarks: dict[str, Any] | None,
         judged: dict[str, Any] | None = None,
+        decode: dict[str, Any] | None = None,
+        layers: tuple[Layer[Any], ...] = (),
     ) -> list[Finding]:
         found: list[Finding] = []
         if fidelity is not None:
@@ -227,6 +336,23 @@ class Runner:
             for metric in ("kl_mean", "ppl_ratio", "same_top1"):
                 est = s[metric]
                 found.append(self._gated(Finding("fidelity", metric, est["value"], est["low"], est["high"])))
+        if decode is not None:
+            s = decode["summary"]
+            est = s["decode_kl_mean"]
+            found.append(self._gated(Finding("fidelity", "decode_kl_mean", est["value"], est["low"], est["high"])))
+            if s.get("shape") is not None:
+                est = s["shape"]["shape_kl"]
+                finding = self._gated(Finding("fidelity", "shape_kl", est["value"], est["low"], est["high"]))
+                if finding.status != "pass":
+                    # Shape dependence is the KV layer's property: name it, so a lossless layer stacked
+                    # on it is not blamed for the noise it inherits.
+                    kv = next((layer.name for layer in layers if layer.kind == "kv_quant"), "the kv_quant layer")
+                    finding = replace(
+                        finding,
+                        reason=f"{finding.reason} (KV layer '{kv}': its numbers depend on "
+                        "the block a token is written in)",
+                    )
+                found.append(finding)
         if equivalence is not None:
             s = equivalence["summary"]
             divergences = float(s["real_divergences"])
@@ -279,6 +405,9 @@ class Runner:
 
         for path in equivalence.prompts if equivalence else []:
             data.append(on_disk(Path(path).stem, "equivalence", path))
+        probe = self.probe_text()
+        if probe is not None:
+            data.append({"name": "probe-text", "role": "equivalence", "source": probe[0], "sha256": probe[1]})
         judge_inst = self.pipeline.instruments.judge
         if judge_inst is not None:
             data.append(on_disk(Path(judge_inst.prompts).stem, "judge", judge_inst.prompts))
@@ -408,10 +537,11 @@ class Runner:
         stacks: list[dict[str, Any]] = []
         for planned in self.planned:
             fid = self.fidelity(planned.stack) if self.pipeline.instruments.fidelity else None
+            decode = self.decode_path(planned.stack)
             eq = self.equivalence(planned.stack)
             bench = self.benchmarks(planned.stack)
             judged = self.judge(planned.stack)
-            findings = self.findings(fid, eq, bench, judged)
+            findings = self.findings(fid, eq, bench, judged, decode, planned.stack.layers)
             verdict = worst_status([f.status for f in findings])
             stacks.append(
                 {
@@ -424,6 +554,7 @@ class Runner:
                         k: v
                         for k, v in (
                             ("fidelity", fid and _fidelity_view(fid)),
+                            ("decode_path", decode and decode["summary"]),
                             ("equivalence", eq and eq["summary"]),
                             ("benchmarks", bench),
                             ("judge", judged),
@@ -464,6 +595,7 @@ def _fidelity_view(record: dict[str, Any]) -> dict[str, Any]:
         "n_tokens",
         "top_k",
         "block_size",
+        "scoring",
         "reference_tail_mass",
         "ppl_reference",
         "ppl_candidate",
@@ -477,7 +609,11 @@ def _fidelity_view(record: dict[str, Any]) -> dict[str, Any]:
         "kl_by_confidence",
     )
     # merged_mass: reference top-k mass an HTTP engine did not return (0 in process and in old records)
-    return {**{k: s[k] for k in keep}, "merged_mass": s.get("merged_mass", 0.0), "per_token": record["per_token"]}
+    return {
+        **{k: s[k] for k in keep if k in s},
+        "merged_mass": s.get("merged_mass", 0.0),
+        "per_token": record["per_token"],
+    }
 
 
 COMPOUND_METRICS: dict[str, Callable[[dict[str, Any]], float]] = {

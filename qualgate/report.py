@@ -121,11 +121,70 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(row['kl_mean']['vs_previous'])} | {_fmt(row['kl_mean']['interaction'])} | "
                 f"{_fmt(row['ln_ppl_ratio']['vs_baseline'])} | {_fmt(row['top1_loss']['vs_baseline'])} |"
             )
+    lines += _equivalence_lines(report)
+    lines += _decode_path_lines(report)
     lines += _benchmark_lines(report)
     lines += _judge_lines(report)
     lines += _loose_bound_notes(report)
     lines.append("")
     return "\n".join(lines)
+
+
+def _equivalence_lines(report: dict[str, Any]) -> list[str]:
+    """Lossless layers: tokens, the calibrated tolerance and the drift it judged, probe coverage."""
+    rows = [(s["name"], s["instruments"]["equivalence"]) for s in report["stacks"] if "equivalence" in s["instruments"]]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### Lossless layers (greedy equivalence)",
+        "",
+        "| stack | reference | exact | real div. | near-ties | noise floor p99.9 | tolerance (source) | "
+        "drift p50 / p99 / max | prefix coverage |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, eq in rows:
+        tolerance = eq.get("tolerance") or {}
+        noise = ((tolerance.get("noise_floor") or {}).get("logprob_delta") or {}).get("p99.9")
+        drift = eq.get("prefix_logprob_drift")
+        drift_cell = (
+            "-" if not drift else f"{_fmt(drift['p50'], 2)} / {_fmt(drift['p99'], 2)} / {_fmt(drift['max'], 2)}"
+        )
+        coverage = eq.get("coverage") or {}
+        cov = f"{coverage['crossed_differing_block']}/{coverage['lookups']}" if coverage else "-"
+        lines.append(
+            f"| `{name}` | `{eq['reference']}` | {eq['exact_match_rate']:.1%} | {eq['real_divergences']} | "
+            f"{eq['near_ties']} | {_fmt(noise, 2)} | {_fmt(eq['logprob_tolerance'], 2)} "
+            f"({tolerance.get('source', 'pipeline')}) | {drift_cell} | {cov} |"
+        )
+    return lines
+
+
+def _decode_path_lines(report: dict[str, Any]) -> list[str]:
+    """Lossy stacks along greedy continuations, decoded as served; shape dependence of KV layers."""
+    rows = [(s["name"], s["instruments"]["decode_path"]) for s in report["stacks"] if "decode_path" in s["instruments"]]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### Decode path (greedy continuations, one token at a time through the cache)",
+        "",
+        "| stack | per-step KL [95%] | same top-1 | exact continuations | first divergence (median) | shape KL [95%] |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, d in rows:
+        kl = d["decode_kl_mean"]
+        shape = d.get("shape")
+        shape_cell = "-"
+        if shape:
+            est = shape["shape_kl"]
+            shape_cell = f"{_fmt(est['value'], 2)} [{_fmt(est['low'], 2)}, {_fmt(est['high'], 2)}]"
+        lines.append(
+            f"| `{name}` | {_fmt(kl['value'], 2)} [{_fmt(kl['low'], 2)}, {_fmt(kl['high'], 2)}] | "
+            f"{d['decode_same_top1']['value']:.1%} | {d['exact_match_rate']:.1%} | "
+            f"{_fmt(d['first_divergence']['median'], 3)} | {shape_cell} |"
+        )
+    return lines
 
 
 # KL over the reference's top-k plus one tail bucket understates the full KL by roughly the reference's

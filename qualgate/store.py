@@ -14,12 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from qualgate import __version__
+from qualgate.code_identity import package_source_hash
 from qualgate.errors import InfrastructureError
 
 
 def identity_key(identity: dict[str, Any]) -> str:
-    blob = json.dumps({"qualgate": __version__, **identity}, sort_keys=True, separators=(",", ":"), default=str)
+    """The store key of a unit of work: a hash of its identity and of qualgate's own source, so a new
+    commit or an edited checkout never reuses a record its old code produced."""
+    blob = json.dumps(
+        {"qualgate_source": package_source_hash(), **identity}, sort_keys=True, separators=(",", ":"), default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

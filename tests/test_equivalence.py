@@ -18,8 +18,10 @@ from qualgate.instruments.equivalence import (
     classify,
     first_divergence,
     load_prompts,
+    prefix_probes,
     reference_stack,
     run_equivalence,
+    speculation_probes,
 )
 
 EVALS = Path(__file__).resolve().parent.parent / "evals" / "prompts"
@@ -31,9 +33,26 @@ def _prompts(name: str, n: int | None = None) -> list[Prompt]:
     return load_prompts(EVALS / f"{name}.jsonl")[:n]
 
 
-def _run(layers: list[dict[str, Any]], prompts: list[Prompt], config: EquivalenceConfig = CONFIG) -> EquivalenceResult:
+DOMAIN = EVALS.parent / "domain" / "cpython_docs_heldout.txt"
+
+
+def _run(
+    layers: list[dict[str, Any]],
+    prompts: list[Prompt],
+    config: EquivalenceConfig = CONFIG,
+    probes: bool = False,
+) -> EquivalenceResult:
+    """With probes, the prompts are followed by the ones cut from the domain text for the stack's
+    lossless layers (as `qualgate run` does)."""
     stack = build_stack(TARGET, layers)
     with open_session(stack) as candidate, open_session(reference_stack(stack)) as reference:
+        if probes:
+            text_ids = reference.encode(DOMAIN.read_text(encoding="utf-8"), add_bos=False)
+            prefix = stack.layer("prefix_cache")
+            if prefix is not None:
+                prompts = prompts + prefix_probes(text_ids, reference.bos_token_id, prefix.params.block_size)
+            if stack.layer("speculation") is not None:
+                prompts = prompts + speculation_probes(text_ids, reference.bos_token_id)
         return run_equivalence(candidate, reference, prompts, config)
 
 
@@ -112,12 +131,17 @@ ALL_PROMPTS = ("general", "shared_prefix", "repetitive")
 )
 def test_lossless_layers_pass_on_every_bundled_prompt_set(layer: dict[str, Any]) -> None:
     prompts = [p for name in ALL_PROMPTS for p in _prompts(name)]
-    result = _run([layer], prompts)
+    result = _run([layer], prompts, probes=True)
     assert result.passed and result.real_divergences == 0 and result.exact_matches == result.samples
-    assert result.max_prefix_logprob_diff is not None and result.max_prefix_logprob_diff < result.logprob_tolerance
+    assert result.drift is not None and result.drift["max"] <= result.logprob_tolerance
+    assert result.tolerance["source"] == "calibrated" and result.tolerance["noise_floor"]["positions"] > 0
     if layer["kind"] == "speculation":
         spec = result.layer_stats["speculation"]
         assert 0 < spec["acceptance_rate"] < 1 and spec["mean_acceptance_length"] > 1
+        groups = result.groups
+        assert groups["speculation:high"]["acceptance_rate"] > groups["speculation:low"]["acceptance_rate"], groups
+    else:
+        assert result.coverage["crossed_differing_block"] >= 12, result.coverage
 
 
 @pytest.mark.slow
@@ -130,11 +154,18 @@ def test_self_draft_acceptance_is_near_one() -> None:
 def test_prefix_cache_runs_cold_and_warm_and_must_hit() -> None:
     result = _run([{"kind": "prefix_cache", "method": "block"}], _prompts("shared_prefix"))
     runs = {d.run for d in result.divergences}
-    assert result.passed and not runs and result.samples == 2 * 10
+    assert not runs and result.samples == 2 * 10 and result.real_divergences == 0
     prefix = result.layer_stats["prefix_cache"]
     assert prefix["hits"] >= 10 + 8, "every warm run and every prompt after the first of its family hit"
+    # These hand-written prompts differ only in their last, partial block: no lookup ever crosses a
+    # differing token inside a reusable block, so a wrong cache key would pass them.
+    assert result.coverage["crossed_differing_block"] == 0
+    assert result.problems == [
+        "prefix caching not exercised: no lookup crossed a differing token inside a reusable block "
+        "(add prefix probes: equivalence.probes)"
+    ]
     short = _run([{"kind": "prefix_cache", "method": "block", "block_size": 64}], _prompts("general", 3))
-    assert not short.passed and "never hit" in short.problems[0]
+    assert not short.passed and any("never hit" in p for p in short.problems)
 
 
 @pytest.mark.slow

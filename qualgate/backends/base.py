@@ -33,6 +33,7 @@ class ScoreResult:
     tail_mass: np.ndarray  # [n-1] float64
     block_size: int | None  # how the tokens went through the cache; None = one forward pass
     gathered: np.ndarray | None = None  # [n-1, m] logprobs of the ids asked for with `gather`
+    schedule: tuple[int, ...] | None = None  # the lengths of the blocks fed, when not uniform
 
     @property
     def top_k(self) -> int:
@@ -90,10 +91,13 @@ class Session(ABC):
         top_k: int = 64,
         block_size: int | None = None,
         gather: np.ndarray | None = None,
+        schedule: Sequence[int] | None = None,
     ) -> ScoreResult:
         """Teacher-forced logprobs. block_size=None is one forward pass; an int feeds the tokens
-        through the KV cache that many at a time (1 reproduces decoding exactly). `gather` [n-1, m]
-        asks for the logprobs of given ids at every position (the reference's top-k, for KL)."""
+        through the KV cache that many at a time (1 reproduces decoding exactly); `schedule` gives the
+        length of every block instead (a prefill, then single-token decodes or verify blocks: the
+        shapes an engine uses while serving). `gather` [n-1, m] asks for the logprobs of given ids at
+        every position (the reference's top-k, for KL)."""
 
     def score_many(self, sequences: Sequence[Sequence[int]], block_size: int | None = None) -> list[ScoreResult]:
         """Top-1 scores of many sequences (benchmark requests). Engines may batch; the default is one by one."""
@@ -117,6 +121,25 @@ class Session(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def block_spans(n_inputs: int, block_size: int | None, schedule: Sequence[int] | None) -> list[tuple[int, int]] | None:
+    """The (start, end) of every block the n_inputs input tokens are fed in; None: one forward pass."""
+    if schedule is not None:
+        lengths = [int(length) for length in schedule]
+        if any(length < 1 for length in lengths) or sum(lengths) != n_inputs:
+            raise ConfigError(f"a scoring schedule must cover the {n_inputs} inputs in blocks >= 1 (got {lengths})")
+    elif block_size is not None:
+        if block_size < 1:
+            raise ConfigError(f"block_size must be >= 1 (got {block_size})")
+        lengths = [min(block_size, n_inputs - start) for start in range(0, n_inputs, block_size)]
+    else:
+        return None
+    spans, start = [], 0
+    for length in lengths:
+        spans.append((start, start + length))
+        start += length
+    return spans
 
 
 class Backend(ABC):

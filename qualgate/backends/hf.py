@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
 
-from qualgate.backends.base import Backend, Capabilities, Generation, ScoreResult, register_backend
+from qualgate.backends.base import Backend, Capabilities, Generation, ScoreResult, block_spans, register_backend
 from qualgate.backends.hf_cache import croppable, snapshot_cache
 from qualgate.backends.hf_decode import GreedyDecoder
 from qualgate.backends.tokenized import TokenizedSession
@@ -90,9 +91,9 @@ class HFSession(TokenizedSession):
         self.speculation = spec if isinstance(spec, SpeculationLayer) else None
         proposer = self.speculation.make_proposer(stack.model.torch_dtype()) if self.speculation else None
         prefix = stack.layer("prefix_cache")
-        self.prefix_store = None
+        self.prefix_store: PrefixStore | None = None
         if isinstance(prefix, PrefixCacheLayer):
-            self.prefix_store = PrefixStore(prefix.params.block_size, prefix.params.max_entries, snapshot_cache)
+            self.prefix_store = prefix.make_store(snapshot_cache)
         self.decoder = GreedyDecoder(
             self._forward, self.new_cache, croppable, snapshot_cache, self.speculation, proposer, self.prefix_store
         )
@@ -127,6 +128,7 @@ class HFSession(TokenizedSession):
         top_k: int = 64,
         block_size: int | None = None,
         gather: np.ndarray | None = None,
+        schedule: Sequence[int] | None = None,
     ) -> ScoreResult:
         import torch
 
@@ -136,22 +138,20 @@ class HFSession(TokenizedSession):
         self._check_length(len(ids) - 1, "the scored sequence")
         if gather is not None and gather.shape[0] != len(ids) - 1:
             raise ConfigError(f"gather has {gather.shape[0]} rows for {len(ids) - 1} scored positions")
-        if block_size is None and self.kv_layer is not None:
+        inputs = ids[:-1]  # the last token is only a target: nothing predicts past the text
+        spans = block_spans(len(inputs), block_size, schedule)
+        if spans is None and self.kv_layer is not None:
             raise ConfigError(
                 f"stack '{self.stack.name}' quantizes the KV cache, which a single forward pass never reads; "
-                "score it with a block_size (1 reproduces decoding)"
+                "score it with a block_size or a schedule (a prefill, then one token at a time, as it serves)"
             )
-        if block_size is not None and block_size < 1:
-            raise ConfigError(f"block_size must be >= 1 (got {block_size})")
-        inputs = ids[:-1]  # the last token is only a target: nothing predicts past the text
-        if block_size is None:
+        if spans is None:
             logprobs = self._forward(inputs, None)
         else:
             cache = self.new_cache()
-            logprobs = torch.cat(
-                [self._forward(inputs[i : i + block_size], cache) for i in range(0, len(inputs), block_size)]
-            )
-        return _score_result(ids, logprobs, top_k, block_size, gather)
+            logprobs = torch.cat([self._forward(inputs[start:end], cache) for start, end in spans])
+        result = _score_result(ids, logprobs, top_k, block_size, gather)
+        return replace(result, schedule=tuple(schedule)) if schedule is not None else result
 
     def score_many(self, sequences: Sequence[Sequence[int]], block_size: int | None = None) -> list[ScoreResult]:
         """Right-padded batches of similar length in one forward pass each (a quantized KV cache is read

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from qualgate.backends.base import Backend, Capabilities, Generation, ScoreResult, register_backend
+from qualgate.backends.base import Backend, Capabilities, Generation, ScoreResult, block_spans, register_backend
 from qualgate.backends.openai_compat import _tokenizer, model_positions, model_vocab_size
 from qualgate.backends.probe import CANARY, ProbeFailed
 from qualgate.backends.rows import log_softmax, score_from_logprobs
@@ -178,16 +178,18 @@ class LlamaCppSession(TokenizedSession):
         top_k: int = 64,
         block_size: int | None = None,
         gather: np.ndarray | None = None,
+        schedule: Sequence[int] | None = None,
     ) -> ScoreResult:
         ids = [int(t) for t in token_ids]
         self._check_length(len(ids), "a scored sequence")
         self.llm.reset()
-        step = block_size or len(ids)
-        for start in range(0, len(ids) - 1, step):
-            self.llm.eval(ids[start : min(start + step, len(ids) - 1)])
+        spans = block_spans(len(ids) - 1, block_size, schedule) or [(0, len(ids) - 1)]
+        for start, end in spans:
+            self.llm.eval(ids[start:end])
         logprobs = log_softmax(np.asarray(self.llm.scores[: len(ids) - 1], dtype=np.float32))
         result = score_from_logprobs(ids, logprobs, top_k, gather)
-        return ScoreResult(**{**result.__dict__, "block_size": block_size})
+        shape = tuple(schedule) if schedule is not None else None
+        return ScoreResult(**{**result.__dict__, "block_size": block_size, "schedule": shape})
 
     def generate(
         self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64, top_k: int = 8

@@ -149,7 +149,10 @@ class OpenAISession(TokenizedSession):
         top_k: int = 64,
         block_size: int | None = None,
         gather: np.ndarray | None = None,
+        schedule: Sequence[int] | None = None,
     ) -> ScoreResult:
+        # An endpoint decides itself how a prompt enters its cache (capabilities.block_scoring=False):
+        # block_size and schedule cannot be honoured here, and callers check the capability first.
         k = min(top_k, self.top_k_cap)
         response = self.client.one(self.score_body(token_ids, k))
         return score_from_rows(token_ids, self.rows(token_ids, response, k), k, gather)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,13 +32,41 @@ class FidelityConfig(BaseModel):
     n_ctx: int = Field(512, ge=4, description="llamacpp chunk length, or the rolling window (max_length)")
     top_k: int = Field(64, ge=1, description="reference top-k kept for KL (plus one tail bucket)")
     block_size: int | None = Field(None, ge=1, description="tokens fed through the KV cache at a time")
-    kv_block_size: int = Field(32, ge=1, description="block size used for stacks that quantize the KV cache")
+    kv_scoring: Literal["serve", "blocks"] = Field(
+        "serve",
+        description="how a stack that quantizes the KV cache is scored: 'serve' prefills each chunk's context "
+        "as one block and decodes the scored part one token at a time, as an engine does; 'blocks' feeds "
+        "blocks of kv_block_size",
+    )
+    kv_block_size: int = Field(32, ge=1, description="block size for KV-quantized stacks with kv_scoring: blocks")
     max_chunks: int | None = Field(None, ge=1, description="score only the first N chunks")
 
     def block_size_for(self, session: Session) -> int | None:
-        if self.block_size is None and session.stack.layer("kv_quant") is not None:
+        if self.block_size is None and session.stack.layer("kv_quant") is not None and self.kv_scoring == "blocks":
             return self.kv_block_size
         return self.block_size
+
+    def serves(self, session: Session) -> bool:
+        """Whether this session is scored in the serving pattern (prefill, then single-token decodes)."""
+        return self.block_size is None and self.kv_scoring == "serve" and session.stack.layer("kv_quant") is not None
+
+
+def serving_schedule(chunk: Chunk) -> list[int]:
+    """The chunk's unscored context as one prefill block, then every scored position decoded alone.
+
+    A quantized KV cache sees each token written the way it is while serving: a prompt in one block,
+    every generated token on its own. A cache whose single-token writes are broken is only caught
+    this way (its prefill is correct)."""
+    n_inputs = len(chunk.token_ids) - 1
+    prefill = [chunk.first_scored] if chunk.first_scored else []
+    return prefill + [1] * (n_inputs - chunk.first_scored)
+
+
+def scoring_label(block_size: int | None, serve: bool, prefill: int | None = None) -> str:
+    """How tokens entered the cache, for the report."""
+    if serve:
+        return f"serve: prefill {prefill} + decode 1" if prefill else "serve: decode 1"
+    return "one pass" if block_size is None else f"blocks of {block_size}"
 
 
 class ChunkCheckpoint(Protocol):
@@ -59,6 +87,7 @@ class TokenScores:
     tail_mass: np.ndarray  # [N]
     gathered: np.ndarray | None = None  # [N, k_ref]: this side's logprobs at the reference's top-k ids
     block_size: int | None = None
+    scoring: str = "one pass"  # how the tokens entered the KV cache (scoring_label)
 
     @property
     def n(self) -> int:
@@ -89,6 +118,7 @@ def score_text(
     With a checkpoint, each chunk's arrays are saved as soon as they exist and reused on a rerun, so
     an interrupted run loses at most the chunk in flight."""
     block_size = config.block_size_for(session)
+    serve = config.serves(session)
     parts: list[dict[str, np.ndarray]] = []
     offset = 0
     for index, chunk in enumerate(chunks):
@@ -104,7 +134,10 @@ def score_text(
             rows = reference.top_ids[offset : offset + chunk.n_scored]
             gather = np.zeros((len(chunk.token_ids) - 1, rows.shape[1]), dtype=np.int64)
             gather[chunk.first_scored :] = rows
-        result = session.score(chunk.token_ids, top_k=config.top_k, block_size=block_size, gather=gather)
+        schedule = serving_schedule(chunk) if serve else None
+        result = session.score(
+            chunk.token_ids, top_k=config.top_k, block_size=block_size, gather=gather, schedule=schedule
+        )
         keep = slice(chunk.first_scored, None)
         part: dict[str, np.ndarray] = {
             "chunk": np.full(chunk.n_scored, index, dtype=np.int32),
@@ -128,7 +161,8 @@ def score_text(
             "they must use the same text and chunking"
         )
     merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    return TokenScores(**merged, block_size=block_size)
+    label = scoring_label(block_size, serve, chunks[0].first_scored if chunks else None)
+    return TokenScores(**merged, block_size=block_size, scoring=label)
 
 
 @dataclass(frozen=True)
@@ -202,6 +236,7 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
         # the tail bucket: 0 in process; a large value asks for a larger engine top-k (max_logprobs).
         "merged_mass": float(np.where(np.isnan(q_top), np.exp(reference.top_logprobs), 0.0).sum(axis=1).mean()),
         "block_size": {"reference": reference.block_size, "candidate": candidate.block_size},
+        "scoring": {"reference": reference.scoring, "candidate": candidate.scoring},
         "ppl_reference": float(np.exp(nll_p.mean())),
         "ppl_candidate": float(np.exp(nll_q.mean())),
         "ln_ppl_ratio": ln_ratio.as_dict(),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from qualgate.code_identity import class_identity
 from qualgate.errors import ConfigError
 from qualgate.registry import Registry, did_you_mean
 from qualgate.validation import validate
@@ -61,8 +62,16 @@ class Layer(ABC, Generic[P]):
         return f"{self.kind}:{self.method}"
 
     def identity(self) -> dict[str, Any]:
-        """Everything that determines this layer's effect; part of every cache key that involves it."""
-        return {"kind": self.kind, "method": self.method, "params": self.params.model_dump(mode="json")}
+        """Everything that determines this layer's effect; part of every cache key that involves it.
+
+        The code is part of it: a plug-in subclass with a built-in's method name and parameters, or an
+        edited plug-in module, is another layer."""
+        return {
+            "kind": self.kind,
+            "method": self.method,
+            "params": self.params.model_dump(mode="json"),
+            "code": class_identity(type(self)),
+        }
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.params.model_dump()})"
@@ -127,6 +136,13 @@ class PrefixCacheLayer(Layer[PP]):
 
     kind: ClassVar[LayerKind] = "prefix_cache"
     lossless: ClassVar[bool] = True
+
+    def make_store(self, snapshot: Any) -> Any:
+        """The store of cached prefixes the in-process decoder looks prompts up in (a
+        qualgate.layers.prefix_cache.PrefixStore); a plug-in may return its own (its lookup is its key)."""
+        from qualgate.layers.prefix_cache import PrefixStore
+
+        return PrefixStore(self.params.block_size, self.params.max_entries, snapshot)
 
 
 KIND_BASES: dict[LayerKind, type[Layer[Any]]] = {

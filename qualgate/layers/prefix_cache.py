@@ -70,10 +70,7 @@ class PrefixStore:
         limit = self.reusable_length(len(prompt))
         best_len, best_key = 0, None
         for key in self.entries:
-            if croppable:
-                shared = _common_prefix(key, prompt, limit) // self.block_size * self.block_size
-            else:
-                shared = len(key) if len(key) <= limit and tuple(prompt[: len(key)]) == key else 0
+            shared = self.match(key, prompt, limit, croppable)
             if shared > best_len:
                 best_len, best_key = shared, key
         if best_key is None:
@@ -85,6 +82,13 @@ class PrefixStore:
         self.stats.hits += 1
         self.stats.reused_tokens += best_len
         return best_len, cache
+
+    def match(self, key: tuple[int, ...], prompt: list[int], limit: int, croppable: bool) -> int:
+        """How many leading tokens of `prompt` the entry stored under `key` may serve: whole blocks that
+        equal the prompt's, token for token (a cache key over a whole block's tokens and all before it)."""
+        if croppable:
+            return _common_prefix(key, prompt, limit) // self.block_size * self.block_size
+        return len(key) if len(key) <= limit and tuple(prompt[: len(key)]) == key else 0
 
     def store(self, tokens: list[int], cache: Any) -> None:
         key = tuple(tokens)

@@ -132,7 +132,31 @@ def stack_spec(stack: dict[str, Any], compound_row: dict[str, Any] | None, commo
         for name in EQUIVALENCE_SCALARS:
             spec.metric(f"equivalence/{name}", equivalence.get(name), step)
         _numeric_tree(spec, "equivalence", equivalence.get("layer_stats", {}), step)
+        _numeric_tree(spec, "equivalence/drift", equivalence.get("prefix_logprob_drift") or {}, step)
+        tolerance = equivalence.get("tolerance") or {}
+        spec.metric("equivalence/tolerance", equivalence.get("logprob_tolerance"), step)
+        noise = (tolerance.get("noise_floor") or {}).get("logprob_delta") or {}
+        _numeric_tree(spec, "equivalence/noise_floor", noise, step)
+        if tolerance.get("source"):
+            spec.params["equivalence.tolerance_source"] = str(tolerance["source"])
+        coverage = equivalence.get("coverage") or {}
+        spec.metric("equivalence/prefix_coverage", coverage.get("crossed_differing_block"), step)
+        for group, stats in (equivalence.get("groups") or {}).items():
+            _numeric_tree(spec, f"equivalence/group/{group.replace(':', '_')}", stats, step)
         spec.params["equivalence.reference"] = short(equivalence.get("reference"))
+    decode = stack["instruments"].get("decode_path")
+    if decode:
+        for name in ("decode_kl_mean", "decode_same_top1"):
+            for part, suffix in (("value", ""), ("low", "_low"), ("high", "_high")):
+                spec.metric(f"decode_path/{name.removeprefix('decode_')}{suffix}", decode[name].get(part), step)
+        spec.metric("decode_path/kl_max", decode.get("decode_kl_max"), step)
+        spec.metric("decode_path/exact_match_rate", decode.get("exact_match_rate"), step)
+        spec.metric("decode_path/first_divergence_median", decode["first_divergence"].get("median"), step)
+        shape = decode.get("shape")
+        if shape:
+            for part, suffix in (("value", ""), ("low", "_low"), ("high", "_high")):
+                spec.metric(f"decode_path/shape_kl{suffix}", shape["shape_kl"].get(part), step)
+            _numeric_tree(spec, "decode_path/shape_logprob_delta", shape.get("logprob_delta") or {}, step)
     benchmarks = stack["instruments"].get("benchmarks")
     for task in (benchmarks or {}).get("tasks", []):
         prefix = f"benchmarks/{task['task']}"

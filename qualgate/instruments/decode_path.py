@@ -1,0 +1,161 @@
+"""Decode-path fidelity: a lossy stack measured on greedy continuations, token by token, as it serves.
+
+Teacher-forced fidelity on domain text sees the distribution at every position of a fixed text. A
+served model instead decodes: every generated token is written to the KV cache alone and the next is
+computed from it. This check follows the baseline's greedy continuation of each equivalence prompt:
+the candidate is scored along it in the decode shape (prompt prefilled, then one token at a time), so
+per-step KL and same-top-1 compare the same contexts; the candidate's own greedy continuation gives
+where it first leaves the baseline's. For a stack with a KV-cache layer it also measures shape
+dependence: the same sequences scored in other serving shapes (whole-sequence prefill, verify blocks,
+prefix hits) against its own decode shape. A correct quantized cache gives the same numbers whichever
+block a token is written in; a cache that quantizes per write block does not, and that moves the
+numbers of every lossless layer stacked on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from qualgate.instruments.fidelity import kl_topk_tail
+from qualgate.instruments.shapes import (
+    SHAPE_TOP_K,
+    decode_schedule,
+    measure_shape_noise,
+    prefix_schedules,
+    verify_schedules,
+)
+from qualgate.stats import clustered_mean, proportion
+
+if TYPE_CHECKING:
+    from qualgate.backends.base import Generation, Session
+
+# The serving shapes a KV layer is checked in when no lossless layer names its own: a verify block of
+# a typical k = 4, and prefix hits at vLLM's default block of 16.
+GENERIC_VERIFY_K = 4
+GENERIC_PREFIX_BLOCK = 16
+
+
+@dataclass(frozen=True)
+class BaselinePath:
+    """The baseline's greedy continuation of one prompt and its decode-shape top-k along it."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    top_ids: np.ndarray  # [n_new, k]
+    top_logprobs: np.ndarray  # [n_new, k]
+    tail_mass: np.ndarray  # [n_new]
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "prompt_ids": self.prompt_ids,
+            "token_ids": self.token_ids,
+            "top_ids": self.top_ids.tolist(),
+            "top_logprobs": self.top_logprobs.tolist(),
+            "tail_mass": self.tail_mass.tolist(),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> BaselinePath:
+        return cls(
+            list(record["prompt_ids"]),
+            list(record["token_ids"]),
+            np.asarray(record["top_ids"], dtype=np.int64),
+            np.asarray(record["top_logprobs"], dtype=np.float64),
+            np.asarray(record["tail_mass"], dtype=np.float64),
+        )
+
+
+def baseline_paths(baseline: Session, generations: Sequence[Generation]) -> list[BaselinePath]:
+    """Score the baseline's own greedy continuations in the decode shape, keeping the top-k."""
+    paths = []
+    for gen in generations:
+        ids = [*gen.prompt_ids, *gen.token_ids]
+        rows = slice(len(gen.prompt_ids) - 1, len(ids) - 1)
+        if not gen.token_ids:
+            continue
+        scored = baseline.score(
+            ids, top_k=SHAPE_TOP_K, schedule=decode_schedule(len(gen.prompt_ids), len(gen.token_ids))
+        )
+        paths.append(
+            BaselinePath(
+                list(gen.prompt_ids),
+                list(gen.token_ids),
+                scored.top_ids[rows],
+                scored.top_logprobs[rows],
+                scored.tail_mass[rows],
+            )
+        )
+    return paths
+
+
+def generic_schedules(prompt_len: int, n_new: int, index: int) -> dict[str, list[int]]:
+    shapes = {"prefill": [prompt_len + n_new - 1]}
+    shapes.update(verify_schedules(prompt_len, n_new, GENERIC_VERIFY_K, seed=index))
+    shapes.update(prefix_schedules(prompt_len, n_new, GENERIC_PREFIX_BLOCK))
+    return shapes
+
+
+def first_divergences(paths: Sequence[BaselinePath], generations: Sequence[Generation]) -> list[int | None]:
+    out: list[int | None] = []
+    for path, gen in zip(paths, generations, strict=True):
+        position = next((i for i, (a, b) in enumerate(zip(path.token_ids, gen.token_ids, strict=False)) if a != b), None)
+        if position is None and len(path.token_ids) != len(gen.token_ids):
+            position = min(len(path.token_ids), len(gen.token_ids))
+        out.append(position)
+    return out
+
+
+def run_decode_path(
+    candidate: Session, paths: Sequence[BaselinePath], max_new_tokens: int, level: float = 0.95
+) -> dict[str, Any]:
+    """Per-step KL and same-top-1 along the baseline's continuations, first divergences of the
+    candidate's own, and (with a KV-cache layer) shape dependence. Intervals are clustered by prompt."""
+    kls: list[np.ndarray] = []
+    same: list[np.ndarray] = []
+    owner: list[np.ndarray] = []
+    for index, path in enumerate(paths):
+        ids = [*path.prompt_ids, *path.token_ids]
+        rows = slice(len(path.prompt_ids) - 1, len(ids) - 1)
+        gather = np.zeros((len(ids) - 1, path.top_ids.shape[1]), dtype=np.int64)
+        gather[rows] = path.top_ids
+        scored = candidate.score(
+            ids, top_k=1, schedule=decode_schedule(len(path.prompt_ids), len(path.token_ids)), gather=gather
+        )
+        assert scored.gathered is not None
+        kl = np.clip(kl_topk_tail(path.top_logprobs, path.tail_mass, scored.gathered[rows]), 0.0, None)
+        kls.append(kl)
+        same.append(scored.top_ids[rows, 0] == path.top_ids[:, 0])
+        owner.append(np.full(kl.size, index))
+    kl_all, same_all, clusters = np.concatenate(kls), np.concatenate(same), np.concatenate(owner)
+    generations = candidate.generate([p.prompt_ids for p in paths], max_new_tokens=max_new_tokens, top_k=2)
+    positions = first_divergences(paths, generations)
+    diverged = [p for p in positions if p is not None]
+    by_step = [float(np.mean([k[j] for k in kls if k.size > j])) for j in range(max(k.size for k in kls))]
+    summary: dict[str, Any] = {
+        "prompts": len(paths),
+        "steps": int(kl_all.size),
+        "decode_kl_mean": clustered_mean(kl_all, clusters, level).as_dict(),
+        "decode_kl_max": float(kl_all.max()),
+        "decode_kl_by_step": by_step,
+        "decode_same_top1": proportion(same_all, level).as_dict(),
+        "exact_match_rate": sum(p is None for p in positions) / len(positions),
+        "first_divergence": {
+            "diverged": len(diverged),
+            "min": min(diverged) if diverged else None,
+            "median": float(np.median(diverged)) if diverged else None,
+        },
+        "scoring": "serve: prefill prompt + decode 1",
+        "shape": None,
+    }
+    if candidate.stack.layer("kv_quant") is not None and candidate.capabilities.block_scoring:
+        noise = measure_shape_noise(candidate, [(p.prompt_ids, p.token_ids) for p in paths], generic_schedules)
+        shape_kl = noise.kl[~np.isnan(noise.kl)]
+        summary["shape"] = {
+            **noise.summary(),
+            "shape_kl": clustered_mean(shape_kl, noise.sequence[~np.isnan(noise.kl)], level).as_dict(),
+        }
+    return summary
