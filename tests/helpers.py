@@ -14,18 +14,26 @@ from qualgate.cli import main
 REPO = Path(__file__).resolve().parent.parent
 
 
-def pipeline_file(tmp_path: Path, layers: dict[str, Any], stacks: Any = "auto", **extra: Any) -> Path:
-    """A small pipeline on the bundled model: fidelity against the bundled golden, short equivalence."""
+def pipeline_file(
+    tmp_path: Path, layers: dict[str, Any], stacks: Any = "auto", serving: bool = False, **extra: Any
+) -> Path:
+    """A small pipeline on the bundled model: fidelity against the bundled golden, short equivalence.
+
+    serving=False (most tests: they check run mechanics, not the serving checks, which have their own
+    tests and cost a forward pass per token) feeds KV stacks in blocks of 32 and leaves out the decode
+    path and the prefix/speculation probes; serving=True keeps the shipped defaults."""
+    fidelity: dict[str, Any] = {"golden": "golden/bundled-target"}
+    equivalence: dict[str, Any] = {"prompts": ["evals/prompts/general.jsonl"], "max_new_tokens": 12}
+    if not serving:
+        fidelity["kv_scoring"] = "blocks"
+        equivalence.update({"probes": False, "decode_path": False})
     data = {
         "version": 1,
         "name": "t",
         "model": {"path": "bundled:target"},
         "layers": layers,
         "stacks": stacks,
-        "instruments": {
-            "fidelity": {"golden": "golden/bundled-target"},
-            "equivalence": {"prompts": ["evals/prompts/general.jsonl"], "max_new_tokens": 12},
-        },
+        "instruments": {"fidelity": fidelity, "equivalence": equivalence},
         **extra,
     }
     path = tmp_path / "pipeline.yaml"

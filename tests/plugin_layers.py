@@ -125,8 +125,9 @@ class TopTwoDraft(DraftModel):
 
 
 class DecodeSaturatingFp8(Fp8KV):
-    """An FP8 KV cache whose single-token writes use a scale 64x too small (they saturate): prefill is
-    correct, every decoded token's K/V is clipped. Blocks of 32 never show it; serving does."""
+    """An FP8 KV cache whose single-token writes use a scale 512x too small, so anything above 448/512
+    saturates: prefill is correct, every decoded token's K/V is clipped. Blocks of 32 never show it;
+    serving does."""
 
     method: ClassVar[str] = "fp8_decode_saturates"
 
@@ -139,7 +140,7 @@ class DecodeSaturatingFp8(Fp8KV):
             def _round_trip(self, states: torch.Tensor) -> torch.Tensor:
                 if states.shape[-2] != 1:
                     return super()._round_trip(states)  # type: ignore[no-any-return]
-                small = self.scale / 64
+                small = self.scale / 512
                 scaled = (states.float() / small).clamp(-self.fp8_max, self.fp8_max)
                 return (scaled.to(self.fp8_dtype).float() * small).to(states.dtype)
 

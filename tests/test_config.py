@@ -22,7 +22,9 @@ def test_every_kind_has_builtin_methods_with_the_right_lossless_flag() -> None:
 def test_layers_build_with_defaults_and_names() -> None:
     layer = build_layer({"kind": "weight_quant", "method": "rtn", "bits": 3, "group_size": 64})
     assert layer.name == "w3g64" and not layer.lossless
-    assert layer.identity() == {
+    identity = layer.identity()
+    assert identity["code"]["class"] == "qualgate.layers.weight_quant:RoundToNearest"
+    assert {k: v for k, v in identity.items() if k != "code"} == {
         "kind": "weight_quant",
         "method": "rtn",
         "params": {"bits": 3, "group_size": 64, "symmetric": False, "include_lm_head": False},

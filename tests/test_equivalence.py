@@ -157,15 +157,16 @@ def test_prefix_cache_runs_cold_and_warm_and_must_hit() -> None:
     assert not runs and result.samples == 2 * 10 and result.real_divergences == 0
     prefix = result.layer_stats["prefix_cache"]
     assert prefix["hits"] >= 10 + 8, "every warm run and every prompt after the first of its family hit"
-    # These hand-written prompts differ only in their last, partial block: no lookup ever crosses a
-    # differing token inside a reusable block, so a wrong cache key would pass them.
-    assert result.coverage["crossed_differing_block"] == 0
-    assert result.problems == [
-        "prefix caching not exercised: no lookup crossed a differing token inside a reusable block "
-        "(add prefix probes: equivalence.probes)"
-    ]
+    # The families' prompts differ two tokens into the block after their shared prefix (34 tokens): a
+    # lookup crosses that block only where the prompt is long enough to reuse it.
+    assert 0 < result.coverage["crossed_differing_block"] < result.samples and result.passed
     short = _run([{"kind": "prefix_cache", "method": "block", "block_size": 64}], _prompts("general", 3))
-    assert not short.passed and any("never hit" in p for p in short.problems)
+    assert not short.passed and short.coverage["crossed_differing_block"] == 0
+    assert short.problems == [
+        "prefix caching not exercised: no lookup crossed a differing token inside a reusable block "
+        "(add prefix probes: equivalence.probes)",
+        "the prefix cache never hit: prefix caching was not exercised by this prompt set",
+    ]
 
 
 @pytest.mark.slow
@@ -221,3 +222,36 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "equivalence FAIL" in capsys.readouterr().out
     assert main(["equivalence", "--layer", "kind=weight_quant,method=rtn"]) == 2
     assert "no speculation or prefix_cache layer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capability", [None, "avx2"], ids=["native", "avx2"])
+def test_fp8_kv_with_draft_speculation_passes_on_any_cpu(capability: str | None, tmp_path: Path) -> None:
+    """The verdict must not depend on the CPU's kernels: with FP8 rounding, AVX2's verify-path kernels
+    move chosen-token logprobs by 0.00228 (AVX-512: 3.3e-6) with identical tokens. The calibrated
+    tolerance is measured from the reference's own noise in the same shapes, so both pass."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability  # read when torch is imported: a fresh process
+    out = tmp_path / "eq.json"
+    command = [
+        sys.executable, "-m", "qualgate", "equivalence",
+        "--layer", "kind=weight_quant,method=rtn,bits=4,group_size=64",
+        "--layer", "kind=kv_quant,method=fp8",
+        "--layer", "kind=speculation,method=draft_model",
+        "--prompts", "evals/prompts/shared_prefix.jsonl", "--max-new-tokens", "24",
+        "--probe-text", "none", "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=EVALS.parent.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    tolerance = summary["tolerance"]
+    assert tolerance["source"] == "calibrated" and summary["real_divergences"] == 0
+    assert summary["prefix_logprob_drift"]["max"] <= tolerance["value"]
+    noise = tolerance["noise_floor"]["logprob_delta"]
+    assert noise["max"] > 0 and tolerance["value"] == pytest.approx(max(1e-4, 4 * noise["p99.9"]))
+    assert tolerance["value"] < 0.05, "a calibrated tolerance stays far below what real bugs do"

@@ -100,14 +100,15 @@ def test_the_default_pipeline_catches_every_planted_defect(tmp_path: Path, monke
     }
     demo["stacks"] = [{"layers": [name]} for name in demo["layers"]]
     demo["instruments"].pop("benchmarks")
+    demo["instruments"]["equivalence"]["prompts"] = ["evals/prompts/general.jsonl"]
     demo["tracking"] = {"enabled": False}
     path = tmp_path / "planted.yaml"
     path.write_text(yaml.safe_dump(demo))
     assert _run(path, tmp_path / "run") == 1
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    verdicts = {s["name"]: s["verdict"] for s in report["stacks"]}
-    assert set(verdicts.values()) == {"fail"}, verdicts
-    reasons = {s["layers"][0]["name"]: " ".join(s["reasons"]) for s in report["stacks"]}
+    verdicts = {s["name"]: s["verdict"] for s in report["stacks"] if s["layers"]}
+    assert set(verdicts.values()) == {"fail"} and len(verdicts) == 4, verdicts
+    reasons = {s["layers"][0]["name"]: " ".join(s["reasons"]) for s in report["stacks"] if s["layers"]}
     assert "kl_mean" in reasons["wrong_scale"]
     assert "kl_mean" in reasons["kv_decode"]
     assert "real_divergences" in reasons["top2"]

@@ -44,6 +44,7 @@ class ProbeReport:
     canary_mean_abs_diff: float | None = None
     canary_tolerance: float | None = None
     notes: list[str] = field(default_factory=list)
+    scoring: bool = True  # False: prompt logprobs unusable, the endpoint is measured by generation only
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -81,6 +82,7 @@ def probe(
         if require_scoring:
             raise ProbeFailed(f"endpoint {session.endpoint} refused by the capability probe: {'; '.join(found)}")
         report.notes.extend(found)
+        report.scoring = False
         return report
     if reference is not None:
         served = session.score(ids, top_k=1).logprobs

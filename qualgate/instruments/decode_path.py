@@ -93,16 +93,25 @@ def baseline_paths(baseline: Session, generations: Sequence[Generation]) -> list
 
 
 def generic_schedules(prompt_len: int, n_new: int, index: int) -> dict[str, list[int]]:
+    """One of each serving shape: a whole-sequence prefill, verify blocks (fixed and seeded random
+    lengths) and a prefix hit at the first block boundary. Each costs a forward pass per decoded token
+    or block, so the set stays small: a KV layer that depends on shapes shows it in any of them."""
+    verify = verify_schedules(prompt_len, n_new, GENERIC_VERIFY_K, seed=index)
     shapes = {"prefill": [prompt_len + n_new - 1]}
-    shapes.update(verify_schedules(prompt_len, n_new, GENERIC_VERIFY_K, seed=index))
-    shapes.update(prefix_schedules(prompt_len, n_new, GENERIC_PREFIX_BLOCK))
+    shapes.update(
+        {name: verify[name] for name in (f"verify{GENERIC_VERIFY_K + 1}@0", "verify-random0") if name in verify}
+    )
+    hits = prefix_schedules(prompt_len, n_new, GENERIC_PREFIX_BLOCK)
+    shapes.update(dict(list(hits.items())[:1]))
     return shapes
 
 
 def first_divergences(paths: Sequence[BaselinePath], generations: Sequence[Generation]) -> list[int | None]:
     out: list[int | None] = []
     for path, gen in zip(paths, generations, strict=True):
-        position = next((i for i, (a, b) in enumerate(zip(path.token_ids, gen.token_ids, strict=False)) if a != b), None)
+        position = next(
+            (i for i, (a, b) in enumerate(zip(path.token_ids, gen.token_ids, strict=False)) if a != b), None
+        )
         if position is None and len(path.token_ids) != len(gen.token_ids):
             position = min(len(path.token_ids), len(gen.token_ids))
         out.append(position)
