@@ -35,7 +35,8 @@ def test_schedules_cover_every_input_once() -> None:
     assert all(sum(s) == 7 + 10 and all(b >= 1 for b in s) for s in shapes.values())
     assert verify_schedules(7, 11, 4, seed=3) == verify_schedules(7, 11, 4, seed=3), "seeded"
     hits = prefix_schedules(40, 3, 16)
-    assert hits == {"prefix-hit@16": [16, 24, 1, 1], "prefix-hit@32": [32, 8, 1, 1]}
+    assert hits == {"prefix-hit@16": [16, 26], "prefix-hit@32": [32, 10]}
+    assert set(prefix_schedules(90, 3, 16)) == {"prefix-hit@16", "prefix-hit@80"}, "first and last boundary"
     assert prefix_schedules(16, 3, 16) == {}, "a prompt of one block reuses nothing (its last token is recomputed)"
 
 

@@ -67,14 +67,15 @@ def verify_schedules(prompt_len: int, n_new: int, k: int, seed: int) -> dict[str
 
 
 def prefix_schedules(prompt_len: int, n_new: int, block_size: int) -> dict[str, list[int]]:
-    """A prefix-cache hit computes the prompt's tail after a cached prefix of whole blocks (the cached
-    part itself was computed by an earlier request); the first, a middle and the last block boundary."""
+    """A prefix-cache hit: the cached whole blocks were computed alone (by an earlier request), the rest
+    after them. The rest is fed as one block here, not decoded token by token: that keeps the check to
+    two forward passes, and the one-block rest adds prefill noise, which the "prefill" shape measures
+    anyway. At the first and the last whole-block boundary of the prompt."""
     reusable = (prompt_len - 1) // block_size
     if reusable < 1:
         return {}
-    picks = sorted({1, (reusable + 1) // 2, reusable})
-    tail = [1] * (n_new - 1)
-    return {f"prefix-hit@{j * block_size}": [j * block_size, prompt_len - j * block_size, *tail] for j in picks}
+    rest = prompt_len + n_new - 1
+    return {f"prefix-hit@{j * block_size}": [j * block_size, rest - j * block_size] for j in sorted({1, reusable})}
 
 
 def candidate_schedules(candidate: Stack, prompt_len: int, n_new: int, seed: int) -> dict[str, list[int]]:
