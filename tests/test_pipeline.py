@@ -136,7 +136,7 @@ def test_missing_and_invalid_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_bundled_pipelines_validate(capsys: pytest.CaptureFixture[str]) -> None:
-    for name in ("demo", "pre-deploy", "nightly"):
+    for name in ("demo", "pre-deploy", "nightly", "known-bad"):
         assert main(["validate", f"pipelines/{name}.yaml"]) == 0
     assert "base, w4g64, w4g64+kv-fp8-e4m3" in capsys.readouterr().out
 
