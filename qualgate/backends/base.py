@@ -144,6 +144,9 @@ def block_spans(n_inputs: int, block_size: int | None, schedule: Sequence[int] |
 
 class Backend(ABC):
     name: ClassVar[str]
+    # Whether its sessions can choose how tokens enter the KV cache (Capabilities.block_scoring): known
+    # before a session opens, so a run does not start a server only to find it cannot.
+    block_scoring: ClassVar[bool] = True
 
     @abstractmethod
     def supports(self, layer: Layer[Any]) -> bool:

@@ -97,6 +97,8 @@ def canary_reference(spec: ModelSpec, enabled: bool) -> Callable[[list[int]], np
 class HTTPBackend(Backend):
     """Opens a probed OpenAISession on the endpoint that serves a stack."""
 
+    block_scoring: ClassVar[bool] = False
+
     Options: ClassVar[type[HTTPOptions]] = HTTPOptions
 
     def __init__(self, **options: Any) -> None:
