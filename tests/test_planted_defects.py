@@ -113,3 +113,27 @@ def test_the_default_pipeline_catches_every_planted_defect(tmp_path: Path, monke
     assert "kl_mean" in reasons["kv_decode"]
     assert "real_divergences" in reasons["top2"]
     assert "real_divergences" in reasons["bad_key"] or "shared-prefix logprobs differ" in reasons["bad_key"]
+    # The new figures reach every output: summary.md's sections and the MLflow child runs' metrics.
+    markdown = (tmp_path / "run" / "summary.md").read_text()
+    assert "### Lossless layers (greedy equivalence)" in markdown and "### Decode path" in markdown
+    from qualgate.tracking.layout import build_layout
+
+    layout = build_layout(report, "uid")
+    metrics = {s.stack["name"]: {key for key, _, _ in s.spec.metrics} for s in layout.stacks}
+    kv_stack = next(s["name"] for s in report["stacks"] if s["layers"] and s["layers"][0]["name"] == "kv_decode")
+    assert {
+        "decode_path/kl_mean",
+        "decode_path/kl_mean_high",
+        "decode_path/shape_kl",
+        "decode_path/shape_kl_high",
+    } <= metrics[kv_stack]
+    spec_stack = next(s["name"] for s in report["stacks"] if s["layers"] and s["layers"][0]["name"] == "top2")
+    assert {"equivalence/tolerance", "equivalence/noise_floor/p99.9", "equivalence/drift/max"} <= metrics[spec_stack]
+    key_stack = next(s["name"] for s in report["stacks"] if s["layers"] and s["layers"][0]["name"] == "bad_key")
+    assert "equivalence/prefix_coverage" in metrics[key_stack]
+    spec_eq = next(s for s in report["stacks"] if s["name"] == spec_stack)["instruments"]["equivalence"]
+    assert spec_eq["tolerance"]["source"] == "calibrated" and set(spec_eq["prefix_logprob_drift"]) >= {
+        "p50",
+        "p99",
+        "max",
+    }
