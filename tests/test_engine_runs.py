@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from broken_proxy import BrokenProxy
 from helpers import REPO, pipeline_file, run_pipeline
 from llama_server import LlamaServer
@@ -181,10 +182,11 @@ def endpoint_pipeline(tmp_path: Path, url: str, model: str = "bundled:target", *
         stacks=[{"layers": ["spec"]}],
         backend={"name": "openai", "options": {"base_url": url, "model": "judge"}},
     )
-    text = path.read_text().replace("bundled:target", model)
+    data = yaml.safe_load(path.read_text())
+    data["model"]["path"] = model
     if instruments.get("no_fidelity"):
-        text = text.replace("  fidelity:\n    golden: golden/bundled-target\n", "")
-    path.write_text(text)
+        del data["instruments"]["fidelity"]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 

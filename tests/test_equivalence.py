@@ -164,7 +164,8 @@ def test_prefix_cache_runs_cold_and_warm_and_must_hit() -> None:
     assert not short.passed and short.coverage["crossed_differing_block"] == 0
     assert short.problems == [
         "prefix caching not exercised: no lookup crossed a differing token inside a reusable block "
-        "(add prefix probes: equivalence.probes)",
+        "(prefix probes are cut from the domain text: keep equivalence.probes on and name a probe_text or a "
+        "fidelity golden)",
         "the prefix cache never hit: prefix caching was not exercised by this prompt set",
     ]
 

@@ -463,7 +463,8 @@ def run_equivalence(
         if crossed == 0:
             problems.append(
                 "prefix caching not exercised: no lookup crossed a differing token inside a reusable block "
-                "(add prefix probes: equivalence.probes)"
+                "(prefix probes are cut from the domain text: keep equivalence.probes on and name a probe_text "
+                "or a fidelity golden)"
             )
         prefix_stats = stats.get("prefix_cache")
         if prefix_stats is not None and prefix_stats.get("hits", 0) == 0:
