@@ -21,12 +21,14 @@ def pipeline_file(
 
     serving=False (most tests: they check run mechanics, not the serving checks, which have their own
     tests and cost a forward pass per token) feeds KV stacks in blocks of 32 and leaves out the decode
-    path; serving=True keeps the shipped defaults. The probes stay: a prefix cache fails without them."""
+    path and the speculation probes; serving=True keeps the shipped defaults. A stack with a prefix cache
+    keeps its probes: it fails without them (coverage)."""
     fidelity: dict[str, Any] = {"golden": "golden/bundled-target"}
     equivalence: dict[str, Any] = {"prompts": ["evals/prompts/general.jsonl"], "max_new_tokens": 12}
     if not serving:
         fidelity["kv_scoring"] = "blocks"
         equivalence["decode_path"] = False
+        equivalence["probes"] = any(layer.get("kind") == "prefix_cache" for layer in layers.values())
     data = {
         "version": 1,
         "name": "t",
