@@ -288,7 +288,8 @@ class Runner:
             return record
         paths = self.baseline_paths()
         with self._open(measured) as session:
-            summary = run_decode_path(session, paths, inst.max_new_tokens)
+            progress = self.on_progress(f"decode path {measured.name}") if self.on_progress else None
+            summary = run_decode_path(session, paths, inst.max_new_tokens, on_prompt=progress)
         record = {"stack": measured.name, "summary": summary}
         self.store.put(key, record)
         self.computed += 1

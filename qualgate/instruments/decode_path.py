@@ -14,7 +14,7 @@ numbers of every lossless layer stacked on it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -119,7 +119,11 @@ def first_divergences(paths: Sequence[BaselinePath], generations: Sequence[Gener
 
 
 def run_decode_path(
-    candidate: Session, paths: Sequence[BaselinePath], max_new_tokens: int, level: float = 0.95
+    candidate: Session,
+    paths: Sequence[BaselinePath],
+    max_new_tokens: int,
+    level: float = 0.95,
+    on_prompt: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Per-step KL and same-top-1 along the baseline's continuations, first divergences of the
     candidate's own, and (with a KV-cache layer) shape dependence. Intervals are clustered by prompt."""
@@ -139,6 +143,8 @@ def run_decode_path(
         kls.append(kl)
         same.append(scored.top_ids[rows, 0] == path.top_ids[:, 0])
         owner.append(np.full(kl.size, index))
+        if on_prompt is not None:
+            on_prompt(index + 1, len(paths))
     kl_all, same_all, clusters = np.concatenate(kls), np.concatenate(same), np.concatenate(owner)
     generations = candidate.generate([p.prompt_ids for p in paths], max_new_tokens=max_new_tokens, top_k=2)
     positions = first_divergences(paths, generations)
