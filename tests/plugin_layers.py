@@ -33,19 +33,25 @@ class ScaleMLPWeights(WeightQuantLayer):
         return model
 
 
+def accept_top2(draft: Sequence[int], target_logprobs: torch.Tensor) -> int:
+    """The lossy rule both broken speculations share: a draft token is accepted while it is in the
+    target's top 2 (greedy verification accepts only the top 1)."""
+    top2 = target_logprobs.topk(2, dim=-1).indices.tolist()
+    accepted = 0
+    for token, allowed in zip(draft, top2, strict=False):
+        if token not in allowed:
+            break
+        accepted += 1
+    return accepted
+
+
 class LossyTop2Ngram(Ngram):
     """A deliberately broken speculation: accepts a draft token whenever it is in the target's top 2."""
 
     method: ClassVar[str] = "lossy_top2"
 
     def accept(self, draft: Sequence[int], target_logprobs: torch.Tensor) -> int:
-        top2 = target_logprobs.topk(2, dim=-1).indices.tolist()
-        accepted = 0
-        for token, allowed in zip(draft, top2, strict=False):
-            if token not in allowed:
-                break
-            accepted += 1
-        return accepted
+        return accept_top2(draft, target_logprobs)
 
 
 class NotALayer:
@@ -115,13 +121,7 @@ class TopTwoDraft(DraftModel):
     same method parameters as the built-in."""
 
     def accept(self, draft: Sequence[int], target_logprobs: torch.Tensor) -> int:
-        top2 = target_logprobs.topk(2, dim=-1).indices.tolist()
-        accepted = 0
-        for token, allowed in zip(draft, top2, strict=False):
-            if token not in allowed:
-                break
-            accepted += 1
-        return accepted
+        return accept_top2(draft, target_logprobs)
 
 
 class DecodeSaturatingFp8(Fp8KV):
