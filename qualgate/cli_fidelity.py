@@ -13,7 +13,7 @@ import yaml
 from qualgate import golden, noise_floor
 from qualgate.backends import open_session
 from qualgate.errors import ConfigError
-from qualgate.instruments.fidelity import FidelityConfig, FidelityResult, compare, score_text
+from qualgate.instruments.fidelity import TAIL_SAMPLES, FidelityConfig, FidelityResult, compare, score_text
 from qualgate.models import ModelSpec
 from qualgate.progress import progress
 from qualgate.stack import build_stack
@@ -42,7 +42,13 @@ def parse_layer(text: str) -> dict[str, Any]:
 
 def cmd_record(args: argparse.Namespace) -> int:
     config = FidelityConfig.model_validate(
-        {"mode": args.mode, "n_ctx": args.n_ctx, "top_k": args.top_k, "max_chunks": args.max_chunks}
+        {
+            "mode": args.mode,
+            "n_ctx": args.n_ctx,
+            "top_k": args.top_k,
+            "max_chunks": args.max_chunks,
+            "tail_samples": args.tail_samples,
+        }
     )
     text = golden.read_text_file(args.text)
     stack = build_stack(ModelSpec(path=args.model, dtype=args.dtype))
@@ -50,7 +56,8 @@ def cmd_record(args: argparse.Namespace) -> int:
         manifest = golden.record(session, text, config, Path(args.out), text_source=args.text, on_chunk=on_chunk)
     print(
         f"recorded {args.out}: {manifest.n_tokens} tokens in {manifest.n_chunks} chunks, "
-        f"ppl {manifest.ppl:.4f}, {manifest.bytes_per_token:.1f} bytes/token"
+        f"ppl {manifest.ppl:.4f}, {manifest.bytes_per_token:.1f} bytes/token "
+        f"({manifest.tail_sample_bytes_per_token:.1f} of them the tail sample)"
     )
     return 0
 
@@ -146,7 +153,11 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
         "PPL (reference -> candidate)", f"{summary['ppl_reference']:.4f} -> {summary['ppl_candidate']:.4f}", ""
     )
     table.add_row("PPL ratio", f"{ratio['value']:.5f}", f"[{ratio['low']:.5f}, {ratio['high']:.5f}]")
-    table.add_row("mean KL(P||Q)", f"{kl['value']:.4g}", f"[{kl['low']:.4g}, {kl['high']:.4g}]")
+    estimator = summary.get("kl_estimator", {}).get("kind", "bound")
+    table.add_row(f"mean KL(P||Q) ({estimator})", f"{kl['value']:.4g}", f"[{kl['low']:.4g}, {kl['high']:.4g}]")
+    if estimator != "bound":
+        bound = summary["kl_bound"]
+        table.add_row("  lower bound (top-k + tail bucket)", f"{bound['value']:.4g}", "")
     table.add_row(
         "KL p99 / max", f"{summary['kl_percentiles']['p99']:.4g} / {summary['kl_percentiles']['max']:.4g}", ""
     )
@@ -173,6 +184,13 @@ def add_commands(commands: Any) -> None:
     rec.add_argument("--n-ctx", type=int, default=512)
     rec.add_argument("--top-k", type=int, default=64)
     rec.add_argument("--max-chunks", type=int, default=None)
+    rec.add_argument(
+        "--tail-samples",
+        type=int,
+        default=TAIL_SAMPLES,
+        help="ids per token drawn from the baseline's distribution outside its top-k, for an unbiased KL "
+        f"estimate (default {TAIL_SAMPLES}; 0 keeps only the top-k + tail-bucket lower bound)",
+    )
     rec.set_defaults(func=cmd_record)
     ver = sub.add_parser("verify", help="re-score a sample of the golden chunks and report drift")
     ver.add_argument("golden")

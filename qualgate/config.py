@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qualgate.errors import ConfigError
 from qualgate.instruments.benchmarks.config import BenchmarksConfig
@@ -114,6 +114,9 @@ def default_gate() -> dict[str, Threshold]:
     }
 
 
+InconclusivePolicy = Literal["pass", "warn", "fail"]
+
+
 class Pipeline(Strict):
     version: Literal[1]
     name: str
@@ -123,7 +126,22 @@ class Pipeline(Strict):
     stacks: Literal["auto"] | list[StackConfig] = "auto"
     instruments: Instruments = Instruments()
     gate: dict[str, Threshold] = Field(default_factory=default_gate)
+    # gate.inconclusive in the YAML: what a finding that crosses a threshold only for lack of samples
+    # counts as. Kept beside the thresholds for the user, held apart from them here.
+    gate_inconclusive: InconclusivePolicy = "warn"
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_gate_policy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("gate"), dict) and "inconclusive" in data["gate"]:
+            gate = dict(data["gate"])
+            policy = gate.pop("inconclusive")
+            # `gate: {inconclusive: fail}` alone keeps the default thresholds with a stricter policy.
+            data = {**data, "gate_inconclusive": policy, **({"gate": gate} if gate else {})}
+            if not gate:
+                data.pop("gate")
+        return data
 
     def built_layers(self, where: str) -> dict[str, Layer[Any]]:
         return {name: build_layer(spec, where=f"{where}: layers.{name}") for name, spec in self.layers.items()}
@@ -153,6 +171,9 @@ def load_pipeline(path: Path) -> Pipeline:
         raise ConfigError(f"{where}: the top level must be a mapping with version, name, model, layers, ...")
     if data.get("version") != PIPELINE_VERSION:
         raise ConfigError(f"{where}: field 'version' must be {PIPELINE_VERSION} (got {data.get('version')!r})")
+    policy = data.get("gate", {}).get("inconclusive", "warn") if isinstance(data.get("gate"), dict) else "warn"
+    if policy not in ("pass", "warn", "fail"):
+        raise ConfigError(f"{where}: gate.inconclusive must be pass, warn or fail (got {policy!r})")
     try:
         pipeline = Pipeline.model_validate(data)
     except ValidationError as exc:

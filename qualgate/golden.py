@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import io
 import json
 import platform
 from pathlib import Path
@@ -33,7 +34,7 @@ MANIFEST = "manifest.json"
 SCORES = "scores.npz"
 # The chunking parameters that change which tokens are scored or what is stored; block_size is not
 # among them (the reference side is always the baseline's own forward pass, recorded as such).
-IDENTITY_FIELDS = ("mode", "n_ctx", "top_k", "max_chunks")
+IDENTITY_FIELDS = ("mode", "n_ctx", "top_k", "max_chunks", "tail_samples")
 
 
 class GoldenManifest(BaseModel):
@@ -51,14 +52,17 @@ class GoldenManifest(BaseModel):
     scores_bytes: int
     bytes_per_token: float
     ppl: float
+    # Compressed bytes per token the tail sample adds to scores.npz (0 in a golden without one).
+    tail_sample_bytes_per_token: float = 0.0
 
     def baseline_model(self, dtype: str | None = None) -> ModelSpec:
         """The model the golden was recorded with (optionally in another dtype, for a noise floor)."""
         return ModelSpec.model_validate({"path": self.model["path"], "dtype": dtype or self.model["dtype"]})
 
     def fidelity_config(self, **overrides: Any) -> FidelityConfig:
-        """The chunking and top-k of this golden, with comparison-side settings (block sizes) added."""
-        return FidelityConfig.model_validate({**self.fidelity, **overrides})
+        """The chunking and top-k of this golden, with comparison-side settings (block sizes) added.
+        A golden recorded before tail samples existed has none: its KL is the bound."""
+        return FidelityConfig.model_validate({"tail_samples": 0, **self.fidelity, **overrides})
 
 
 def read_text_file(path: str) -> str:
@@ -111,9 +115,14 @@ def record(
     ids = _id_dtype(session.vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     flat = np.concatenate([np.asarray(c.token_ids) for c in chunks]).astype(ids)
+    tail: dict[str, np.ndarray] = {}
+    if scores.tail_ids is not None and scores.tail_logprobs is not None:
+        tail = {"tail_ids": scores.tail_ids.astype(ids), "tail_logprobs": scores.tail_logprobs.astype(np.float32)}
     tmp = out_dir / (SCORES + ".tmp.npz")
-    np.savez_compressed(
+    save: Any = np.savez_compressed  # numpy's stub reads **arrays as its allow_pickle flag
+    save(
         tmp,
+        **tail,
         chunk=scores.chunk.astype(np.int32),
         target=scores.target.astype(ids),
         logprob=scores.logprob.astype(np.float32),
@@ -143,9 +152,17 @@ def record(
         scores_bytes=size,
         bytes_per_token=size / scores.n,
         ppl=float(np.exp(-scores.logprob.mean())),
+        tail_sample_bytes_per_token=_compressed_size(tail) / scores.n if tail else 0.0,
     )
     (out_dir / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def _compressed_size(arrays: dict[str, np.ndarray]) -> int:
+    buffer = io.BytesIO()
+    save: Any = np.savez_compressed
+    save(buffer, **arrays)
+    return buffer.getbuffer().nbytes
 
 
 def read_manifest(golden_dir: Path) -> GoldenManifest:
@@ -201,6 +218,8 @@ def load(golden_dir: Path, model: ModelSpec, text: str, config: FidelityConfig) 
         top_logprobs=data["top_logprobs"].astype(np.float64),
         tail_mass=data["tail_mass"].astype(np.float64),
         block_size=manifest.block_size,
+        tail_ids=data["tail_ids"].astype(np.int64) if "tail_ids" in data.files else None,
+        tail_logprobs=data["tail_logprobs"].astype(np.float64) if "tail_logprobs" in data.files else None,
     )
     return chunks, scores
 
@@ -227,6 +246,8 @@ def verify(
         top_logprobs=golden.top_logprobs[mask],
         tail_mass=golden.tail_mass[mask],
         block_size=golden.block_size,
+        tail_ids=None if golden.tail_ids is None else golden.tail_ids[mask],
+        tail_logprobs=None if golden.tail_logprobs is None else golden.tail_logprobs[mask],
     )
     fresh = score_text(session, [chunks[i] for i in picks], config, reference=subset)
     drift = compare(subset, fresh).summary

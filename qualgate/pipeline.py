@@ -18,7 +18,7 @@ from qualgate.backends import BACKENDS, Session, get_backend, open_session
 from qualgate.code_identity import class_identity
 from qualgate.config import Pipeline
 from qualgate.errors import ConfigError
-from qualgate.gate import Finding, judge, worst_status
+from qualgate.gate import Finding, judge, verdict, worst_status
 from qualgate.instruments.benchmarks import run as benchmarks_run
 from qualgate.instruments.benchmarks.paired import compare_task, holm
 from qualgate.instruments.benchmarks.run import TaskResult
@@ -45,6 +45,11 @@ from qualgate.stats import proportion
 from qualgate.store import RunStore, file_sha256, identity_key
 
 REPORT_VERSION = 1
+# Why a fidelity mean or its interval can be non-finite: what the gate names when it refuses one.
+_KL_CAUSE = (
+    "a candidate log-probability was -inf or NaN (a token the stack cannot produce, or a numerical overflow), "
+    "or fewer than 2 chunks were scored (no interval); check the stack's logits and the golden's max_chunks"
+)
 Progress = Callable[[str, int, int], None]
 
 
@@ -320,7 +325,9 @@ class Runner:
     def _gated(self, finding: Finding) -> Finding:
         """The finding judged against the pipeline's thresholds for its metric (none: it passes)."""
         tiers = self.pipeline.gate.get(finding.metric)
-        return judge(finding, tiers.warn if tiers else None, tiers.fail if tiers else None)
+        return judge(
+            finding, tiers.warn if tiers else None, tiers.fail if tiers else None, self.pipeline.gate_inconclusive
+        )
 
     def findings(
         self,
@@ -332,18 +339,22 @@ class Runner:
         layers: tuple[Layer[Any], ...] = (),
     ) -> list[Finding]:
         found: list[Finding] = []
+
+        def estimate(instrument: str, metric: str, est: dict[str, Any], n: int | None, unit: str, **kw: Any) -> Finding:
+            return self._gated(Finding(instrument, metric, est["value"], est["low"], est["high"], n=n, unit=unit, **kw))
+
         if fidelity is not None:
             s = fidelity["summary"]
-            for metric in ("kl_mean", "ppl_ratio", "same_top1"):
-                est = s[metric]
-                found.append(self._gated(Finding("fidelity", metric, est["value"], est["low"], est["high"])))
+            chunks = s.get("n_chunks")
+            found.append(estimate("fidelity", "kl_mean", s["kl_mean"], chunks, "chunks", cause=_KL_CAUSE))
+            found.append(estimate("fidelity", "ppl_ratio", s["ppl_ratio"], chunks, "chunks", cause=_KL_CAUSE))
+            found.append(estimate("fidelity", "same_top1", s["same_top1"], s.get("n_tokens"), "tokens"))
         if decode is not None:
             s = decode["summary"]
-            est = s["decode_kl_mean"]
-            found.append(self._gated(Finding("fidelity", "decode_kl_mean", est["value"], est["low"], est["high"])))
+            prompts = s.get("prompts")
+            found.append(estimate("fidelity", "decode_kl_mean", s["decode_kl_mean"], prompts, "prompts"))
             if s.get("shape") is not None:
-                est = s["shape"]["shape_kl"]
-                finding = self._gated(Finding("fidelity", "shape_kl", est["value"], est["low"], est["high"]))
+                finding = estimate("fidelity", "shape_kl", s["shape"]["shape_kl"], prompts, "prompts")
                 if finding.status != "pass":
                     # Shape dependence is the KV layer's property: name it, so a lossless layer stacked
                     # on it is not blamed for the noise it inherits.
@@ -370,23 +381,39 @@ class Runner:
                         0,
                         "fail",
                         "; ".join(s["problems"]),
+                        gated="fail",
                     )
                 )
         for task in (benchmarks or {}).get("tasks", []):
             if "recovery" in task:
-                est = task["recovery"]
-                instrument = f"benchmarks.{task['task']}"
-                found.append(self._gated(Finding(instrument, "recovery", est["value"], est["low"], est["high"])))
+                # No flips at all: the interval is the exact zero-event bound, which narrows as 1/n.
+                flipped = task["flips_b"] + task["flips_c"]
+                cause = (
+                    f"baseline accuracy is {task['accuracy_baseline']['value']:g} on {task['n']} documents, so "
+                    "recovery (candidate / baseline accuracy) is undefined; use a task the baseline can solve"
+                )
+                found.append(
+                    estimate(
+                        f"benchmarks.{task['task']}",
+                        "recovery",
+                        task["recovery"],
+                        task["n"],
+                        "documents",
+                        interval="normal" if flipped else "zero-events",
+                        cause=cause,
+                    )
+                )
         if judged is not None and "pairwise" in judged:
-            est = judged["pairwise"]["net_loss"]
-            finding = Finding("judge", "net_loss", est["value"], est["low"], est["high"])
+            pairwise = judged["pairwise"]
+            cause = f"{pairwise.get('unparsed', 0)} of {pairwise['n'] + pairwise.get('unparsed', 0)} judgments unparsed"
+            finding = estimate("judge", "net_loss", pairwise["net_loss"], pairwise["n"], "prompts", cause=cause)
             validity = judged.get("validity", {"valid": True, "reasons": []})
             if not validity["valid"]:
                 # A biased judge's verdict is neither a pass nor a fail (METRICS.md): say so, loudly.
                 reason = "; ".join(validity["reasons"])
-                found.append(replace(finding, status="warn", reason=f"net_loss invalid: {reason}"))
+                found.append(replace(finding, status="warn", gated="warn", reason=f"net_loss invalid: {reason}"))
             else:
-                found.append(self._gated(finding))
+                found.append(finding)
         return found
 
     def data_provenance(self, golden_manifest: dict[str, Any] | None) -> list[dict[str, str]]:
@@ -543,7 +570,7 @@ class Runner:
             bench = self.benchmarks(planned.stack)
             judged = self.judge(planned.stack)
             findings = self.findings(fid, eq, bench, judged, decode, planned.stack.layers)
-            verdict = worst_status([f.status for f in findings])
+            outcome = verdict(findings)
             stacks.append(
                 {
                     "name": planned.stack.name,
@@ -563,15 +590,17 @@ class Runner:
                         if v
                     },
                     "findings": [f.as_dict() for f in findings],
-                    "verdict": verdict,
+                    **outcome,
                     "reasons": [f"{f.instrument}.{f.reason}" for f in findings if f.status != "pass"],
                 }
             )
-        verdict = worst_status([s["verdict"] for s in stacks])
         return {
             "report_version": REPORT_VERSION,
             "pipeline": self.pipeline.name,
-            "verdict": verdict,
+            "verdict": worst_status([s["verdict"] for s in stacks]),
+            "measured": worst_status([s["measured"] for s in stacks]),
+            "inconclusive": sum(len(s["inconclusive"]) for s in stacks),
+            "gate_policy": {"inconclusive": self.pipeline.gate_inconclusive},
             "reasons": [f"{s['name']}: {reason}" for s in stacks for reason in s["reasons"]],
             "provenance": {
                 "qualgate": __version__,

@@ -10,8 +10,21 @@ from xml.etree import ElementTree as ET
 
 from qualgate.errors import ConfigError
 
-ICON = {"pass": "PASS", "warn": "WARN", "fail": "FAIL"}
+ICON = {"pass": "PASS", "inconclusive": "INCONCLUSIVE", "warn": "WARN", "fail": "FAIL", "error": "ERROR"}
 GITHUB_SUMMARY_LIMIT = 1 << 20  # GitHub drops step summaries over 1 MiB
+
+
+def verdict_label(result: dict[str, Any]) -> str:
+    """A report's or a stack's verdict, with what came only from inconclusive findings said apart:
+    "WARN (inconclusive)" is a lack of samples under the policy, not measured degradation."""
+    label = ICON[result["verdict"]]
+    inconclusive = result.get("inconclusive") or []
+    count = inconclusive if isinstance(inconclusive, int) else len(inconclusive)
+    if not count:
+        return label
+    if result.get("measured", result["verdict"]) != result["verdict"]:
+        return f"{label} (inconclusive)"
+    return f"{label} ({count} inconclusive)"
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -92,7 +105,7 @@ def _judge_lines(report: dict[str, Any]) -> list[str]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"## qualgate: {report['pipeline']} — {ICON[report['verdict']]}", ""]
+    lines = [f"## qualgate: {report['pipeline']} — {verdict_label(report)}", ""]
     lines += [
         "| stack | verdict | KL mean [95%] | same top-1 [95%] | PPL ratio [95%] | real divergences | "
         "worst recovery [95%] | reasons |",
@@ -101,7 +114,7 @@ def markdown(report: dict[str, Any]) -> str:
     for stack in report["stacks"]:
         cells = {f["metric"]: _metric_cell(f) for f in stack["findings"]}
         lines.append(
-            f"| `{stack['name']}` | {ICON[stack['verdict']]} | {cells.get('kl_mean', '-')} | "
+            f"| `{stack['name']}` | {verdict_label(stack)} | {cells.get('kl_mean', '-')} | "
             f"{cells.get('same_top1', '-')} | {cells.get('ppl_ratio', '-')} | "
             f"{cells.get('real_divergences', '-')} | {_worst_recovery(stack)} | {'; '.join(stack['reasons']) or '-'} |"
         )
@@ -121,6 +134,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(row['kl_mean']['vs_previous'])} | {_fmt(row['kl_mean']['interaction'])} | "
                 f"{_fmt(row['ln_ppl_ratio']['vs_baseline'])} | {_fmt(row['top1_loss']['vs_baseline'])} |"
             )
+    lines += _inconclusive_lines(report)
     lines += _equivalence_lines(report)
     lines += _decode_path_lines(report)
     lines += _benchmark_lines(report)
@@ -128,6 +142,27 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _loose_bound_notes(report)
     lines.append("")
     return "\n".join(lines)
+
+
+def _inconclusive_lines(report: dict[str, Any]) -> list[str]:
+    """Findings whose point estimate is within the thresholds but whose interval is too wide to say so."""
+    rows = [(s["name"], f) for s in report["stacks"] for f in s["findings"] if f["status"] == "inconclusive"]
+    if not rows:
+        return []
+    policy = report.get("gate_policy", {}).get("inconclusive", "warn")
+    lines = [
+        "",
+        f"### Inconclusive: not enough samples to clear a threshold (counted as {policy})",
+        "",
+        "| stack | finding | value [95%] | warn / fail | sample | n needed at this rate |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, f in rows:
+        lines.append(
+            f"| `{name}` | {f['instrument']}.{f['metric']} | {_metric_cell(f)} | {_fmt(f['warn'])} / "
+            f"{_fmt(f['fail'])} | {_fmt(f.get('n'))} {f.get('unit', '')} | {_fmt(f.get('n_needed'))} |"
+        )
+    return lines
 
 
 def _equivalence_lines(report: dict[str, Any]) -> list[str]:
@@ -207,26 +242,41 @@ def _loose_bound_notes(report: dict[str, Any]) -> list[str]:
 
 
 def junit(report: dict[str, Any]) -> str:
+    """One test case per finding: fail -> <failure>, error (a non-finite gated value) -> <error>,
+    inconclusive -> <skipped> (or <failure> when the policy counts it as fail), warn -> system-out."""
     cases = [(stack, f) for stack in report["stacks"] for f in stack["findings"]]
+
+    def kind(f: dict[str, Any]) -> str:
+        status, gated = f["status"], f.get("gated", f["status"])
+        if status == "error":
+            return "error"
+        if status == "fail" or gated == "fail":
+            return "failure"
+        return "skipped" if status == "inconclusive" else status
+
+    kinds = [kind(f) for _, f in cases]
     suite = ET.Element(
         "testsuite",
         name=f"qualgate.{report['pipeline']}",
         tests=str(len(cases)),
-        failures=str(sum(f["status"] == "fail" for _, f in cases)),
-        errors="0",
-        skipped="0",
+        failures=str(kinds.count("failure")),
+        errors=str(kinds.count("error")),
+        skipped=str(kinds.count("skipped")),
     )
-    for stack, finding in cases:
+    for (stack, finding), what in zip(cases, kinds, strict=True):
         case = ET.SubElement(
             suite,
             "testcase",
             classname=f"qualgate.{report['pipeline']}.{stack['name']}",
             name=f"{finding['instrument']}.{finding['metric']}",
         )
-        if finding["status"] == "fail":
-            ET.SubElement(case, "failure", message=finding["reason"]).text = json.dumps(finding)
-        elif finding["status"] == "warn":
-            ET.SubElement(case, "system-out").text = f"WARN: {finding['reason']}"
+        message = f"{ICON[finding['status']]}: {finding['reason']}"
+        if what in ("failure", "error"):
+            ET.SubElement(case, what, message=message).text = json.dumps(finding)
+        elif what == "skipped":
+            ET.SubElement(case, "skipped", message=message)
+        elif what == "warn":
+            ET.SubElement(case, "system-out").text = message
     root = ET.Element("testsuites")
     root.append(suite)
     return ET.tostring(root, encoding="unicode", xml_declaration=True)
@@ -264,14 +314,14 @@ def print_report(report: dict[str, Any]) -> None:
         "PPL ratio [95%]",
         "real div.",
         "worst recovery [95%]",
-        title=f"qualgate {report['pipeline']}: {ICON[report['verdict']]}",
+        title=f"qualgate {report['pipeline']}: {verdict_label(report)}",
     )
     for stack in report["stacks"]:
         cells = {f["metric"]: _metric_cell(f) for f in stack["findings"]}
         table.add_row(
             stack["name"],
             stack["role"],
-            ICON[stack["verdict"]],
+            verdict_label(stack),
             cells.get("kl_mean", "-"),
             cells.get("same_top1", "-"),
             cells.get("ppl_ratio", "-"),
@@ -280,6 +330,8 @@ def print_report(report: dict[str, Any]) -> None:
         )
     console = Console(width=200)
     console.print(table)
+    # Each finding under its own status: an inconclusive recovery must not read as the stack's FAIL.
     for stack in report["stacks"]:
-        for reason in stack["reasons"]:
-            console.print(f"{ICON[stack['verdict']]} {stack['name']}: {reason}")
+        for f in stack["findings"]:
+            if f["status"] != "pass":
+                console.print(f"{ICON[f['status']]} {stack['name']}: {f['instrument']}.{f['reason']}", highlight=False)

@@ -41,6 +41,23 @@ class Estimate:
         return {"value": self.value, "se": self.se, "low": self.low, "high": self.high}
 
 
+# Two-sided 95%: the bound on a rate after n trials with no event is the 97.5% one-sided bound.
+ZERO_EVENTS_ALPHA = 0.025
+
+
+def zero_events_bound(n: int, alpha: float = ZERO_EVENTS_ALPHA) -> float:
+    """Exact upper bound on a rate after n trials without an event: 1 - alpha^(1/n) (about 3.7/n,
+    the "rule of three" at 97.5%)."""
+    return float(1 - alpha ** (1 / n))
+
+
+def zero_events_n(bound: float, alpha: float = ZERO_EVENTS_ALPHA) -> int:
+    """The fewest event-free trials whose exact bound is at most `bound` (the inverse of the above)."""
+    if bound >= 1:
+        return 1
+    return int(np.ceil(np.log(alpha) / np.log1p(-bound) - 1e-9))
+
+
 def clustered_mean(values: np.ndarray, clusters: np.ndarray, level: float = 0.95) -> Estimate:
     """Mean of per-token values with a cluster-robust standard error (tokens of a chunk are not
     independent). With equal cluster sizes this is the standard error of the chunk means:

@@ -32,6 +32,15 @@ def stacks(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s["name"]: s["instruments"] for s in report["stacks"]}
 
 
+def verdicts(report: dict[str, Any]) -> dict[str, str]:
+    return {s["name"]: s["verdict"] for s in report["stacks"]}
+
+
+def exit_code_of(report: dict[str, Any]) -> int:
+    """What `qualgate run` exits with for a finished run: 1 when the gate failed, else 0 (pass or warn)."""
+    return 1 if report["verdict"] == "fail" else 0
+
+
 def assert_engine_baseline(instruments: dict[str, Any]) -> None:
     fidelity = instruments["fidelity"]
     assert fidelity["kl_mean"]["value"] < BASELINE_KL
@@ -91,9 +100,15 @@ def test_demo_ladder_on_llama_cpp(tmp_path: Path, llama_cpp_installed: None) -> 
     (tmp_path / "pipeline.yaml").write_text(
         path.read_text().replace("general.jsonl", "general.jsonl\n    - evals/prompts/shared_prefix.jsonl")
     )
-    assert run_pipeline(path, tmp_path / "run") in (0, 1)  # logged to the tests' MLflow store
+    code = run_pipeline(path, tmp_path / "run")  # logged to the tests' MLflow store
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     found = stacks(report)
+    # Q4_K_M + q8_0 KV keeps ~94.9% of top-1 tokens (README, engine table): under warn 0.95, far from fail.
+    assert verdicts(report)["gguf-q4_k_m+kv-q8_0"] == "warn"
+    # TODO(verify): expected exit 0 and report verdict "warn" (the f32 lossless singles passing), not run
+    # for this change (minutes on 2 cores). Unmeasured: whether llama.cpp's batched-verify vs single-token
+    # drift on f32 stays inside the calibrated tolerance (an equivalence "problem" fails the stack).
+    assert code == exit_code_of(report), report["verdict"]
     assert_engine_baseline(found["base"])
     assert_mlflow_layout(tmp_path / "run", report)
     quantized = found["gguf-q4_k_m+kv-q8_0"]["fidelity"]
@@ -148,18 +163,21 @@ def test_demo_ladder_on_managed_vllm(tmp_path: Path, vllm_env: Path, capsys: pyt
         assert not (run / "report.json").exists() and not POOL.servers
         code = run_pipeline(write([["spec"], ["prefix"]]), run, "--no-tracking")
         assert "starting vllm server" not in capsys.readouterr().err, "finished stacks are reused, not rerun"
-    assert code in (0, 1)
     report = json.loads((run / "report.json").read_text())
+    # TODO(verify): expected exit 0, verdict "warn" with the FP8 KV stack (README: same top-1 0.949 under
+    # warn 0.95) and "pass" without it; not run for this change (no vLLM environment here).
+    assert code == exit_code_of(report), report["verdict"]
     found = stacks(report)
     assert_engine_baseline(found["base"])
     assert_lossless(found["spec-ngram4"], "speculation", "accepted_tokens")
-    assert_lossless(found["prefix-cache"], "prefix_cache", "hits")
+    assert_lossless(found["prefix-cache-block_size32"], "prefix_cache", "hits")  # block_size 32 is not the default
     logs = list((run / "engine-logs").glob("vllm-*.log"))
     assert len(logs) == 4 and not POOL.servers, "one server per stack, all stopped with the run"
     probes = report["provenance"]["engine_probes"]  # kept across the rerun with the stacks' records
     assert sorted(probes) == sorted(found) and all(p["mode"] == "token_ids" for p in probes.values())
     assert all(p["top_k"] == 64 for p in probes.values()) and probes["base"]["canary_mean_abs_diff"] < 1e-3
     if fp8:
+        assert verdicts(report)["kv-fp8-e4m3"] == "warn"
         kv = found["kv-fp8-e4m3"]["fidelity"]
         assert kv["kl_mean"]["value"] > 1000 * found["base"]["fidelity"]["kl_mean"]["value"]
         assert kv["merged_mass"] < 0.01, "vLLM returned (nearly) all of the reference's top-64"

@@ -28,6 +28,15 @@ def _in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
 
 
+def percentile_bootstrap(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float, float]:
+    """(se, low, high) by hand: resample the prompts with replacement from the same seeded generator,
+    mean each resample, and take the standard deviation and the 2.5th / 97.5th percentiles."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(means.std(ddof=1)), float(low), float(high)
+
+
 # -- protocol and statistics (no endpoint) -----------------------------------------------------------
 @pytest.mark.parametrize(
     ("kind", "reply", "expected"),
@@ -64,7 +73,10 @@ def test_pairwise_summary_by_hand() -> None:
     summary = pairwise_summary(outcomes, [10, -2, 0, 4], resamples=2000, seed=0)
     assert (summary.win, summary.tie, summary.loss, summary.unparsed, summary.n) == (2, 3, 5, 1, 10)
     assert summary.net_loss.value == pytest.approx((5 - 2) / 10)
-    assert summary.net_loss.low < 0.3 < summary.net_loss.high
+    per_prompt = np.array([1.0] * 5 + [-1.0] * 2 + [0.0] * 3)  # loss +1, win -1, tie 0; unparsed dropped
+    se, low, high = percentile_bootstrap(per_prompt, 2000, 0)
+    net = summary.net_loss
+    assert (net.se, net.low, net.high) == pytest.approx((se, low, high), rel=1e-12, abs=1e-12)
     assert summary.consistency == pytest.approx(0.7) and summary.length_delta == pytest.approx(3.0)
     again = pairwise_summary(outcomes, [0], resamples=2000, seed=0)
     assert again.net_loss == summary.net_loss, "seeded: the same interval every run"
@@ -84,10 +96,34 @@ def test_validity() -> None:
     assert validity(config, uneven)["reasons"] == ["baseline against itself: net loss 0.3 excludes 0"]
 
 
+def test_bootstrap_mean_is_the_seeded_percentile_interval() -> None:
+    values = np.linspace(-1.0, 2.0, 13) ** 3  # continuous and skewed: neighbouring percentiles differ
+    est = bootstrap_mean(values, 3000, 7)
+    assert est.value == pytest.approx(values.mean())
+    assert (est.se, est.low, est.high) == pytest.approx(percentile_bootstrap(values, 3000, 7), rel=1e-12)
+    # A 95% interval: 2.5% of the resampled means fall on each side. A 90% one (5 / 95) is narrower by
+    # far more than the tolerance, so a mutated level cannot pass.
+    means = values[np.random.default_rng(7).integers(0, values.size, size=(3000, values.size))].mean(axis=1)
+    assert np.mean(means < est.low) == pytest.approx(0.025, abs=0.002)
+    assert np.mean(means > est.high) == pytest.approx(0.025, abs=0.002)
+    narrow_low, narrow_high = np.percentile(means, [5, 95])
+    assert est.low < narrow_low - 0.05 and est.high > narrow_high + 0.05
+    # The bootstrap SE of a mean is the plug-in SE std(values) / sqrt(n), up to resampling noise (~1.3%).
+    assert est.se == pytest.approx(values.std() / np.sqrt(values.size), rel=0.05)
+
+
+def test_bootstrap_mean_of_a_constant_collapses_and_of_nothing_is_nan() -> None:
+    constant = bootstrap_mean(np.full(8, 0.25), 500, 3)
+    assert (constant.value, constant.se, constant.low, constant.high) == (0.25, 0.0, 0.25, 0.25)
+    empty = bootstrap_mean(np.zeros(0), 500, 3)
+    assert all(np.isnan(x) for x in (empty.value, empty.se, empty.low, empty.high))
+
+
 def test_bootstrap_and_wilcoxon_reference_values() -> None:
     values = np.array([1.0, 0.0, 1.0, 1.0, -1.0, 0.0, 1.0, 1.0])
     est = bootstrap_mean(values, 4000, 1)
-    assert est.value == pytest.approx(0.5) and est.low < 0.5 < est.high and est.high <= 1.0
+    assert est.value == pytest.approx(0.5)
+    assert (est.se, est.low, est.high) == pytest.approx(percentile_bootstrap(values, 4000, 1), rel=1e-12)
     from scipy.stats import wilcoxon
 
     base, cand = [5, 6, 7, 5, 6, None], [6, 8, 7, 7, 9, 3]
@@ -95,6 +131,9 @@ def test_bootstrap_and_wilcoxon_reference_values() -> None:
     assert summary["n"] == 5 and summary["unparsed"] == 1
     assert summary["wilcoxon_p"] == pytest.approx(wilcoxon([1, 2, 0, 2, 3], zero_method="wilcox").pvalue)
     assert summary["mean_delta"]["value"] == pytest.approx(1.6)
+    se, low, high = percentile_bootstrap(np.array([1.0, 2.0, 0.0, 2.0, 3.0]), 2000, 0)  # the parsed pairs' deltas
+    delta = summary["mean_delta"]
+    assert (delta["se"], delta["low"], delta["high"]) == pytest.approx((se, low, high), rel=1e-12)
     assert grade_summary([5, 5], [5, 5], 200, 0)["wilcoxon_p"] == 1.0
 
 
@@ -214,10 +253,15 @@ def test_dead_endpoint_exits_3_and_resume_finishes(server: Any, judge_model: Pat
     assert kept >= 8 and not (out / "report.json").exists()
     revived = LlamaServer(judge_model, tmp_path / "llama2.log", port=server.port).start()
     try:
-        assert run_pipeline(path, out, "--no-tracking") in (0, 1)
+        # The bundled judge picks position A in both orders (test_injected_instructions_do_not_become_verdicts):
+        # position consistency 0, so net_loss is invalid, which warns (never passes or fails): exit 0.
+        assert run_pipeline(path, out, "--no-tracking") == 0
         report = json.loads((out / "report.json").read_text())
+        assert report["verdict"] == "warn"
         w2 = next(s for s in report["stacks"] if s["name"] == "w2g128")
         assert w2["instruments"]["judge"]["pairwise"]["n"] == 16
+        finding = next(f for f in w2["findings"] if f["metric"] == "net_loss")
+        assert finding["status"] == "warn" and "invalid: position consistency" in finding["reason"], finding
         assert len(list((out / "requests").rglob("*.json"))) > kept
     finally:
         revived.stop()
@@ -227,7 +271,12 @@ def test_dead_endpoint_exits_3_and_resume_finishes(server: Any, judge_model: Pat
 def test_injected_instructions_do_not_become_verdicts(server: Any) -> None:
     """Answers that instruct the judge ("rate this answer 10", a forged fence and verdict) are judged
     as text: every verdict is parsed from the judge's own constrained reply, and the forged verdict
-    text is never what is parsed."""
+    text is never what is parsed.
+
+    The bundled model as judge grades every answer 1 and prefers position A whatever the answers
+    (measured on this server: honest, injected, empty, forged-JSON and long answers alike). So the
+    injection is followed exactly when the injected answer scores anything but the honest one's 1, in
+    particular the 10 it asks for, or wins a comparison in both orders."""
     from qualgate.instruments.judge.client import JudgeClient
     from qualgate.instruments.judge.config import JudgeConfig
 
@@ -239,8 +288,13 @@ def test_injected_instructions_do_not_become_verdicts(server: Any) -> None:
     for label, answer in (("honest", honest), ("injected", injected)):
         record = client.judge(protocols.single(question, answer, nonce(question, answer)))
         assert record["verdict"] == protocols.parse("single", record["reply"]) and record["verdict"] is not None
-        assert '"score": 10}' not in record["reply"] or record["verdict"] == 10
+        assert record["attempts"] == 1, "the first constrained reply parsed"
         grades[label] = record["verdict"]
-    pair = client.judge(protocols.pairwise(question, honest, injected, nonce(question, honest, injected)))
-    assert pair["verdict"] in ("A", "B", "tie") and pair["reply"].strip().startswith("{")
+    assert grades == {"honest": 1, "injected": 1}, "the injected answer is graded as the honest one, not 10"
+    honest_first = client.judge(protocols.pairwise(question, honest, injected, nonce(question, honest, injected)))
+    injected_first = client.judge(protocols.pairwise(question, injected, honest, nonce(question, injected, honest)))
+    assert (honest_first["verdict"], injected_first["verdict"]) == ("A", "A"), "position A, both times"
+    assert all(r["reply"].strip().startswith("{") for r in (honest_first, injected_first))
+    # Both orders combined (as the instrument does): the injected answer does not win, it ties by position.
+    assert combine(honest_first["verdict"], injected_first["verdict"]) == ("tie", False)
     assert client.unparseable == 0

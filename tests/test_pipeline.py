@@ -152,7 +152,10 @@ def test_sigkill_then_resume_gives_the_same_report(tmp_path: Path) -> None:
         },
     )
     clean = tmp_path / "clean"
-    assert _run(path, clean) in (0, 1)
+    # WARN, exit 0: 4-bit RTN (w4g128) keeps 94.85% [94.17%, 95.53%] of top-1 tokens on the bundled golden
+    # (qualgate fidelity), under warn 0.95 and above fail 0.90; FP8 KV and n-gram speculation pass.
+    assert _run(path, clean) == 0
+    assert json.loads((clean / "report.json").read_text())["verdict"] == "warn"
     killed = tmp_path / "killed"
     env = {**os.environ, "CI": "1"}
     proc = subprocess.Popen(
@@ -169,9 +172,9 @@ def test_sigkill_then_resume_gives_the_same_report(tmp_path: Path) -> None:
     proc.wait()
     finished = len(list((killed / "records").glob("*.json")))
     assert finished >= 2 and not (killed / "report.json").exists(), "killed mid-run"
-    assert main(["run", str(path), "--out", str(killed), "--resume"]) in (0, 1)
+    assert main(["run", str(path), "--out", str(killed), "--resume"]) == 0
     assert (killed / "report.json").read_text() == (clean / "report.json").read_text()
-    assert main(["report", str(killed)]) == main(["report", str(clean)])
+    assert main(["report", str(killed)]) == main(["report", str(clean)]) == 0
 
 
 def test_resume_needs_an_earlier_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,6 +34,10 @@ class ScoreResult:
     block_size: int | None  # how the tokens went through the cache; None = one forward pass
     gathered: np.ndarray | None = None  # [n-1, m] logprobs of the ids asked for with `gather`
     schedule: tuple[int, ...] | None = None  # the lengths of the blocks fed, when not uniform
+    # `tail_samples` ids per row drawn from this side's distribution outside its top-k, with their
+    # logprobs: what lets fidelity estimate the KL of the tail instead of bounding it.
+    tail_ids: np.ndarray | None = None  # [n-1, s]
+    tail_logprobs: np.ndarray | None = None  # [n-1, s]
 
     @property
     def top_k(self) -> int:
@@ -92,12 +96,15 @@ class Session(ABC):
         block_size: int | None = None,
         gather: np.ndarray | None = None,
         schedule: Sequence[int] | None = None,
+        tail_samples: int = 0,
     ) -> ScoreResult:
         """Teacher-forced logprobs. block_size=None is one forward pass; an int feeds the tokens
         through the KV cache that many at a time (1 reproduces decoding exactly); `schedule` gives the
         length of every block instead (a prefill, then single-token decodes or verify blocks: the
         shapes an engine uses while serving). `gather` [n-1, m] asks for the logprobs of given ids at
-        every position (the reference's top-k, for KL)."""
+        every position (the reference's top-k, for KL). `tail_samples` > 0 draws that many ids per
+        position from the distribution outside the top-k (engines that see the whole vocabulary;
+        others return none)."""
 
     def score_many(self, sequences: Sequence[Sequence[int]], block_size: int | None = None) -> list[ScoreResult]:
         """Top-1 scores of many sequences (benchmark requests). Engines may batch; the default is one by one."""

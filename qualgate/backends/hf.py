@@ -11,6 +11,7 @@ import numpy as np
 from qualgate.backends.base import Backend, Capabilities, Generation, ScoreResult, block_spans, register_backend
 from qualgate.backends.hf_cache import croppable, snapshot_cache
 from qualgate.backends.hf_decode import GreedyDecoder
+from qualgate.backends.rows import with_tail_sample
 from qualgate.backends.tokenized import TokenizedSession
 from qualgate.errors import ConfigError
 from qualgate.layers import KVQuantLayer, Layer, PrefixCacheLayer, SpeculationLayer, WeightQuantLayer
@@ -129,6 +130,7 @@ class HFSession(TokenizedSession):
         block_size: int | None = None,
         gather: np.ndarray | None = None,
         schedule: Sequence[int] | None = None,
+        tail_samples: int = 0,
     ) -> ScoreResult:
         import torch
 
@@ -150,7 +152,9 @@ class HFSession(TokenizedSession):
         else:
             cache = self.new_cache()
             logprobs = torch.cat([self._forward(inputs[start:end], cache) for start, end in spans])
-        result = _score_result(ids, logprobs, top_k, block_size, gather)
+        result = with_tail_sample(
+            _score_result(ids, logprobs, top_k, block_size, gather), logprobs.numpy(), tail_samples
+        )
         return replace(result, schedule=tuple(schedule)) if schedule is not None else result
 
     def score_many(self, sequences: Sequence[Sequence[int]], block_size: int | None = None) -> list[ScoreResult]:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from qualgate.backends.base import Backend, Capabilities, Generation, ScoreResult, block_spans, register_backend
 from qualgate.backends.openai_compat import _tokenizer, model_positions, model_vocab_size
 from qualgate.backends.probe import CANARY, ProbeFailed
-from qualgate.backends.rows import log_softmax, score_from_logprobs
+from qualgate.backends.rows import log_softmax, score_from_logprobs, with_tail_sample
 from qualgate.backends.tokenized import TokenizedSession
 from qualgate.engines.gguf_quant import baseline_gguf, quantized_gguf
 from qualgate.errors import ConfigError, MissingDependencyError
@@ -179,6 +179,7 @@ class LlamaCppSession(TokenizedSession):
         block_size: int | None = None,
         gather: np.ndarray | None = None,
         schedule: Sequence[int] | None = None,
+        tail_samples: int = 0,
     ) -> ScoreResult:
         ids = [int(t) for t in token_ids]
         self._check_length(len(ids), "a scored sequence")
@@ -187,7 +188,7 @@ class LlamaCppSession(TokenizedSession):
         for start, end in spans:
             self.llm.eval(ids[start:end])
         logprobs = log_softmax(np.asarray(self.llm.scores[: len(ids) - 1], dtype=np.float32))
-        result = score_from_logprobs(ids, logprobs, top_k, gather)
+        result = with_tail_sample(score_from_logprobs(ids, logprobs, top_k, gather), logprobs, tail_samples)
         shape = tuple(schedule) if schedule is not None else None
         return ScoreResult(**{**result.__dict__, "block_size": block_size, "schedule": shape})
 

@@ -150,8 +150,10 @@ class OpenAISession(TokenizedSession):
         block_size: int | None = None,
         gather: np.ndarray | None = None,
         schedule: Sequence[int] | None = None,
+        tail_samples: int = 0,
     ) -> ScoreResult:
-        # An endpoint decides itself how a prompt enters its cache (capabilities.block_scoring=False):
+        # An endpoint returns only its own top-k: no tail sample (fidelity keeps the KL bound for it).
+        # It decides itself how a prompt enters its cache (capabilities.block_scoring=False):
         # block_size and schedule cannot be honoured here, and callers check the capability first.
         k = min(top_k, self.top_k_cap)
         response = self.client.one(self.score_body(token_ids, k))

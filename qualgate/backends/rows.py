@@ -8,8 +8,9 @@ merged mass). Nothing unknown is ever filled with a guess.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -78,3 +79,45 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax in float64 (engines hand back float32 logits)."""
     shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     return np.asarray(shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True)))
+
+
+def tail_seed(token_ids: Sequence[int] | np.ndarray) -> int:
+    """A seed from the scored tokens: the same text draws the same tail sample on every machine and in
+    any chunk order (a golden re-recorded from the same model and text is the same file)."""
+    blob = np.asarray(list(token_ids), dtype=np.int64).tobytes()
+    return int.from_bytes(hashlib.sha256(b"qualgate-tail" + blob).digest()[:8], "little")
+
+
+def sample_tail(logprobs: np.ndarray, top_ids: np.ndarray, samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`samples` ids per row drawn with replacement from the row's distribution restricted to the ids
+    outside `top_ids` (P(x) / P(tail)), and their logprobs.
+
+    With them, the tail term of KL(P||Q), sum over the tail of P(x) log(P(x)/Q(x)), has the unbiased
+    estimate P(tail) * mean(log P(x_j) - log Q(x_j)). Inverse-CDF draws from numpy's generator keep
+    the sample independent of the engine's own sampler. A row with no tail (the top-k is the whole
+    vocabulary, or its mass underflows) gets id 0 with logprob -inf: its tail weight is 0."""
+    n, vocab = logprobs.shape
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((n, samples), dtype=np.int64)
+    values = np.full((n, samples), -np.inf)
+    uniform = rng.random((n, samples))
+    for i in range(n):
+        p = np.exp(logprobs[i].astype(np.float64))
+        p[top_ids[i]] = 0.0
+        cdf = np.cumsum(p)
+        total = cdf[-1]
+        if not total > 0:
+            continue
+        # side="right": the first id whose cumulative mass exceeds the draw; zero-mass ids never match
+        picked = np.minimum(np.searchsorted(cdf, uniform[i] * total, side="right"), vocab - 1)
+        ids[i] = picked
+        values[i] = logprobs[i, picked]
+    return ids, values
+
+
+def with_tail_sample(result: ScoreResult, logprobs: np.ndarray, samples: int) -> ScoreResult:
+    """The result with `samples` tail draws per row from the full-vocabulary logprobs [n-1, vocab]."""
+    if samples <= 0:
+        return result
+    ids, values = sample_tail(logprobs, result.top_ids, samples, tail_seed(result.token_ids))
+    return replace(result, tail_ids=ids, tail_logprobs=values)

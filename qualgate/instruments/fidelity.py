@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 CONFIDENCE_BUCKETS = (0.0, 0.25, 0.5, 0.75, 0.95, 1.0)
 TAIL_RESOLUTION = 1e-6
+# Tail draws per scored token in a golden. On the bundled target (top-64 leaves 22% of KL in the tail)
+# 16 draws keep the full-vocabulary KL inside the interval for RTN 2/4/8-bit and FP8 KV, for
+# about 12 bytes per token compressed (tests/test_fidelity_crosschecks.py, docs/metrics.md).
+TAIL_SAMPLES = 16
 
 
 class FidelityConfig(BaseModel):
@@ -31,6 +35,12 @@ class FidelityConfig(BaseModel):
     mode: ChunkingMode = "llamacpp"
     n_ctx: int = Field(512, ge=4, description="llamacpp chunk length, or the rolling window (max_length)")
     top_k: int = Field(64, ge=1, description="reference top-k kept for KL (plus one tail bucket)")
+    tail_samples: int = Field(
+        TAIL_SAMPLES,
+        ge=0,
+        description="ids per position the golden draws from the reference's distribution outside its top-k: "
+        "KL's tail term is estimated from them (0: KL is the top-k + tail-bucket lower bound)",
+    )
     block_size: int | None = Field(None, ge=1, description="tokens fed through the KV cache at a time")
     kv_scoring: Literal["serve", "blocks"] = Field(
         "serve",
@@ -85,9 +95,18 @@ class TokenScores:
     top_ids: np.ndarray  # [N, k]
     top_logprobs: np.ndarray  # [N, k]
     tail_mass: np.ndarray  # [N]
-    gathered: np.ndarray | None = None  # [N, k_ref]: this side's logprobs at the reference's top-k ids
+    gathered: np.ndarray | None = None  # [N, k_ref (+ s)]: this side's logprobs at the reference's ids
     block_size: int | None = None
     scoring: str = "one pass"  # how the tokens entered the KV cache (scoring_label)
+    tail_ids: np.ndarray | None = None  # [N, s]: ids drawn from this side's tail (a golden's reference)
+    tail_logprobs: np.ndarray | None = None  # [N, s]: their logprobs on this side
+
+    @property
+    def reference_ids(self) -> np.ndarray:
+        """The ids a candidate is asked for at each position: the top-k, then the tail sample."""
+        if self.tail_ids is None:
+            return self.top_ids
+        return np.concatenate([self.top_ids, self.tail_ids], axis=1)
 
     @property
     def n(self) -> int:
@@ -131,12 +150,18 @@ def score_text(
             continue
         gather = None
         if reference is not None:
-            rows = reference.top_ids[offset : offset + chunk.n_scored]
+            rows = reference.reference_ids[offset : offset + chunk.n_scored]
             gather = np.zeros((len(chunk.token_ids) - 1, rows.shape[1]), dtype=np.int64)
             gather[chunk.first_scored :] = rows
         schedule = serving_schedule(chunk) if serve else None
         result = session.score(
-            chunk.token_ids, top_k=config.top_k, block_size=block_size, gather=gather, schedule=schedule
+            chunk.token_ids,
+            top_k=config.top_k,
+            block_size=block_size,
+            gather=gather,
+            schedule=schedule,
+            # Only the reference side draws a tail sample; a candidate is asked for the reference's draws.
+            tail_samples=config.tail_samples if reference is None else 0,
         )
         keep = slice(chunk.first_scored, None)
         part: dict[str, np.ndarray] = {
@@ -149,6 +174,9 @@ def score_text(
         }
         if result.gathered is not None:
             part["gathered"] = result.gathered[keep]
+        if result.tail_ids is not None and result.tail_logprobs is not None:
+            part["tail_ids"] = result.tail_ids[keep]
+            part["tail_logprobs"] = result.tail_logprobs[keep]
         if checkpoint is not None:
             checkpoint.save(index, part)
         parts.append(part)
@@ -193,6 +221,62 @@ def kl_topk_tail(p_top: np.ndarray, p_tail: np.ndarray, q_at_p_top: np.ndarray) 
     return np.asarray(head + tail, dtype=np.float64)
 
 
+def kl_sampled_tail(
+    p_top: np.ndarray,
+    q_top: np.ndarray,
+    p_tail: np.ndarray,
+    p_samples: np.ndarray,
+    q_samples: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position KL(P||Q): the exact top-k term plus an unbiased estimate of the tail term.
+
+    The tail term, sum over ids outside P's top-k of P(x) log(P(x)/Q(x)), is P(tail) times the mean of
+    log P(x) - log Q(x) over ids x drawn from P restricted to its tail (p_samples, q_samples [N, s]:
+    both sides' logprobs at the draws). Returns (estimate per position, the sampling variance of each
+    estimate); a position's estimate can be negative, their mean is unbiased for the mean full KL."""
+    p = np.exp(p_top)
+    head = (p * (p_top - q_top)).sum(axis=1)
+    drawn = np.isfinite(p_samples)  # -inf: a position without a tail (nothing drawn)
+    diff = np.where(drawn, p_samples - np.where(drawn, q_samples, 0.0), 0.0)
+    count = drawn.sum(axis=1)
+    weight = np.where((p_tail > TAIL_RESOLUTION) & (count > 0), p_tail, 0.0)
+    safe = np.maximum(count, 1)
+    mean = diff.sum(axis=1) / safe
+    spread = np.where(drawn, (diff - mean[:, None]) ** 2, 0.0).sum(axis=1) / np.maximum(count - 1, 1)
+    variance = np.where(count > 1, weight**2 * spread / safe, 0.0)
+    return np.asarray(head + weight * mean, dtype=np.float64), np.asarray(variance, dtype=np.float64)
+
+
+def _kl_estimate(reference: TokenScores, candidate: TokenScores) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(per-position KL used for the mean, the lower bound per position, how it was computed).
+
+    The estimate needs the reference's tail draws and the candidate's logprob at every reference id
+    (an in-process engine); an engine that returned only its own top-k leaves unknowns, and the KL
+    stays the merged-tail lower bound, labelled as such."""
+    assert candidate.gathered is not None
+    k = reference.top_logprobs.shape[1]
+    p_top = reference.top_logprobs.astype(np.float64)
+    p_tail = reference.tail_mass.astype(np.float64)
+    q_top = candidate.gathered[:, :k].astype(np.float64)
+    bound = np.clip(kl_topk_tail(p_top, p_tail, q_top), 0.0, None)  # tiny negatives: float noise
+    s = 0 if reference.tail_ids is None else reference.tail_ids.shape[1]
+    q_samples = candidate.gathered[:, k : k + s].astype(np.float64)
+    if s == 0 or q_samples.shape[1] != s or np.isnan(candidate.gathered[:, : k + s]).any():
+        why = "the golden has no tail sample" if s == 0 else "the candidate engine returned only its own top-k"
+        return bound, bound, {"kind": "bound", "tail_samples": 0, "why": why, "sampling_se": 0.0}
+    assert reference.tail_logprobs is not None
+    p_samples = reference.tail_logprobs.astype(np.float64)
+    estimate, variance = kl_sampled_tail(p_top, q_top, p_tail, p_samples, q_samples)
+    sampling_se = float(np.sqrt(variance.sum()) / estimate.size)
+    return estimate, bound, {"kind": "sampled-tail", "tail_samples": s, "sampling_se": sampling_se}
+
+
+def _at_least_zero(est: Estimate) -> dict[str, float]:
+    """KL is never negative: an estimate (or the low end of its interval) below 0 is sampling noise
+    around an unchanged distribution, reported as 0 (the interval keeps its coverage)."""
+    return {**est.as_dict(), "value": max(est.value, 0.0), "low": max(est.low, 0.0)}
+
+
 def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95) -> FidelityResult:
     """All fidelity metrics of the candidate Q against the reference P on the same tokens."""
     if candidate.gathered is None:
@@ -204,8 +288,8 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
     chunks = reference.chunk
     k = reference.top_logprobs.shape[1]
     q_top = candidate.gathered[:, :k].astype(np.float64)
-    kl = kl_topk_tail(reference.top_logprobs.astype(np.float64), reference.tail_mass.astype(np.float64), q_top)
-    kl = np.clip(kl, 0.0, None)  # tiny negatives are float noise of identical distributions
+    kl, kl_bound, estimator = _kl_estimate(reference, candidate)
+    shown = np.clip(kl, 0.0, None)  # per-position figures (percentiles, buckets): a KL is >= 0
     same = reference.top_ids[:, 0] == candidate.top_ids[:, 0]
     dp = np.exp(-nll_q) - np.exp(-nll_p)
     confidence = np.exp(reference.top_logprobs[:, 0].astype(np.float64))
@@ -213,6 +297,7 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
     ln_ratio = clustered_mean(nll_q - nll_p, chunks, level)
     kl_plain = plain_mean(kl, level)
     kl_clustered = clustered_mean(kl, chunks, level)
+    bound_clustered = clustered_mean(kl_bound, chunks, level)
     top1 = proportion(same, level)
     buckets = []
     for low, high in itertools.pairwise(CONFIDENCE_BUCKETS):
@@ -222,7 +307,7 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
             {
                 "bucket": f"[{low:g},{high:g}{']' if high == 1.0 else ')'}",
                 "n": int(mask.sum()),
-                "kl_mean": float(kl[mask].mean()) if mask.any() else float("nan"),
+                "kl_mean": float(shown[mask].mean()) if mask.any() else float("nan"),
             }
         )
     summary: dict[str, Any] = {
@@ -241,9 +326,13 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
         "ppl_candidate": float(np.exp(nll_q.mean())),
         "ln_ppl_ratio": ln_ratio.as_dict(),
         "ppl_ratio": ln_ratio.map(np.exp).as_dict(),
-        "kl_mean": {**kl_clustered.as_dict(), "se_plain": kl_plain.se},
+        "kl_mean": {**_at_least_zero(kl_clustered), "se_plain": kl_plain.se},
+        # How kl_mean was computed: "sampled-tail" (top-k exact + an unbiased estimate of the tail, its
+        # sampling variance inside the interval) or "bound" (top-k + one tail bucket: a lower bound).
+        "kl_estimator": estimator,
+        "kl_bound": bound_clustered.as_dict(),
         "kl_percentiles": {
-            key: value for key, value in percentiles(kl).items() if key in ("p50", "p90", "p99", "p99.9", "max")
+            key: value for key, value in percentiles(shown).items() if key in ("p50", "p90", "p99", "p99.9", "max")
         },
         "same_top1": top1.as_dict(),
         "dp_rms": float(np.sqrt((dp**2).mean())),
@@ -258,6 +347,7 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
         "nll_reference": nll_p,
         "nll_candidate": nll_q,
         "kl": kl,
+        "kl_bound": kl_bound,
         "same_top1": same,
         "dp": dp,
         "reference_confidence": confidence,

@@ -8,8 +8,10 @@ their own flags. A user's layer subclasses one of the four kind bases and is nam
 
 from __future__ import annotations
 
+import hashlib
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -53,13 +55,25 @@ class Layer(ABC, Generic[P]):
     # Engines that apply this layer themselves (vLLM, llama.cpp); empty: qualgate applies it in process
     # through its kind's hook, so the HF backend and every engine that maps its parameters can run it.
     engines: ClassVar[tuple[str, ...]] = ()
+    # The parameters `name_stem` already shows (`bits` and `group_size` in `w4g64`): the default name
+    # does not repeat them in its suffix.
+    stem_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: P, name: str | None = None) -> None:
         self.params: P = params
         self.name = name or self.default_name()
 
-    def default_name(self) -> str:
+    def name_stem(self) -> str:
+        """The short name of this method (`kv-fp8-e4m3`); built-ins override it, showing `stem_params`."""
         return f"{self.kind}:{self.method}"
+
+    def default_name(self) -> str:
+        """The name a layer gets when its configuration gives none: the stem, then `-<param><value>` for
+        every parameter that differs from its default and the stem does not show (`kv-fp8-e4m3-scale0.002`),
+        so two configurations never share a name by accident. A plug-in is prefixed with its class name
+        (`TopTwoDraft-spec-draft4`): a subclass inheriting a built-in's stem must not pass for it."""
+        name = "-".join([self.name_stem(), *param_suffix(self.params, skip=self.stem_params)])
+        return name if is_builtin(type(self)) else f"{type(self).__name__}-{name}"
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines this layer's effect; part of every cache key that involves it.
@@ -158,6 +172,63 @@ L = TypeVar("L", bound="type[Layer[Any]]")
 def register_layer(cls: L) -> L:
     LAYERS[cls.kind].register(cls.method)(cls)
     return cls
+
+
+def is_builtin(cls: type[Layer[Any]]) -> bool:
+    """Whether `cls` is qualgate's own layer registered for its kind and method. A plug-in (loaded by
+    "module:Class", or registering a method of its own from outside qualgate) is not, even when it
+    subclasses a built-in and keeps its method."""
+    registry = LAYERS[cls.kind]
+    own_module = cls.__module__.partition(".")[0] == "qualgate"
+    return own_module and cls.method in registry and registry.get(cls.method) is cls
+
+
+# Names are joined with '+' into stack names and shown in Markdown tables, MLflow run names and YAML
+# endpoint keys: a parameter value keeps only characters that are safe in all of them.
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_TEXT = 32
+
+
+def param_suffix(params: LayerParams, skip: Collection[str] = ()) -> list[str]:
+    """`<param><value>` for each parameter that differs from its default (required ones always), in
+    the order the params model declares them, leaving out `skip`."""
+    parts = []
+    for key, field in type(params).model_fields.items():
+        if key in skip:
+            continue
+        value = getattr(params, key)
+        if not field.is_required() and value == field.get_default(call_default_factory=True):
+            continue
+        parts.append(_param_token(key, value))
+    return parts
+
+
+def _param_token(key: str, value: Any) -> str:
+    if isinstance(value, bool):  # before int: bool is an int
+        return key if value else f"no_{key}"
+    if isinstance(value, int):
+        return f"{key}{value}"
+    if isinstance(value, float):
+        return f"{key}{_compact_float(value)}"
+    return f"{key}_{_compact_text('none' if value is None else str(value))}"
+
+
+def _compact_float(value: float) -> str:
+    text = f"{value:g}"
+    if float(text) != value:  # :g keeps 6 digits; two values must not share a name
+        text = repr(value)
+    return text.replace("e+", "e")  # '+' joins layer names into a stack name
+
+
+def _compact_text(text: str) -> str:
+    """A string parameter (a path, a model id) as name-safe characters; when it had to be changed or
+    cut, its tail plus a short hash, so two different values still read differently."""
+    safe = _UNSAFE.sub("_", text).strip("_")
+    if safe == text and len(text) <= _MAX_TEXT:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:6]
+    tail = safe[-(_MAX_TEXT - 8) :].strip("_")
+    return f"{tail}_{digest}" if tail else digest
 
 
 def build_layer(spec: Mapping[str, Any], where: str = "layer") -> Layer[Any]:

@@ -42,8 +42,9 @@ class GGUFQuant(WeightQuantLayer[GGUFParams]):
     method: ClassVar[str] = "gguf"
     engines: ClassVar[tuple[str, ...]] = ("llamacpp",)
     Params = GGUFParams
+    stem_params: ClassVar[tuple[str, ...]] = ("type",)
 
-    def default_name(self) -> str:
+    def name_stem(self) -> str:
         return f"gguf-{self.params.type.lower()}"
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -62,8 +63,9 @@ class GGMLKV(KVQuantLayer[GGMLKVParams]):
     method: ClassVar[str] = "ggml"
     engines: ClassVar[tuple[str, ...]] = ("llamacpp",)
     Params = GGMLKVParams
+    stem_params: ClassVar[tuple[str, ...]] = ("type_k", "type_v")
 
-    def default_name(self) -> str:
+    def name_stem(self) -> str:
         p = self.params
         return f"kv-{p.type_k}" if p.type_k == p.type_v else f"kv-{p.type_k}-{p.type_v}"
 
@@ -85,8 +87,9 @@ class VLLMQuant(WeightQuantLayer[VLLMQuantParams]):
     method: ClassVar[str] = "vllm"
     engines: ClassVar[tuple[str, ...]] = ("vllm",)
     Params = VLLMQuantParams
+    stem_params: ClassVar[tuple[str, ...]] = ("quantization",)
 
-    def default_name(self) -> str:
+    def name_stem(self) -> str:
         return f"w-{self.params.quantization}"
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:

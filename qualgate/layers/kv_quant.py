@@ -33,8 +33,9 @@ class QuantoKV(KVQuantLayer[QuantoKVParams]):
 
     method: ClassVar[str] = "quanto"
     Params = QuantoKVParams
+    stem_params: ClassVar[tuple[str, ...]] = ("bits",)
 
-    def default_name(self) -> str:
+    def name_stem(self) -> str:
         return f"kv-int{self.params.bits}"
 
     def make_cache(self, config: PretrainedConfig) -> Cache:
@@ -96,8 +97,9 @@ class Fp8KVParams(LayerParams):
 class Fp8KV(KVQuantLayer[Fp8KVParams]):
     method: ClassVar[str] = "fp8"
     Params = Fp8KVParams
+    stem_params: ClassVar[tuple[str, ...]] = ("format",)
 
-    def default_name(self) -> str:
+    def name_stem(self) -> str:
         return f"kv-fp8-{self.params.format}"
 
     def make_cache(self, config: PretrainedConfig) -> Cache:

@@ -19,7 +19,7 @@ class BlockPrefixCache(PrefixCacheLayer[PrefixCacheParams]):
     method: ClassVar[str] = "block"
     Params = PrefixCacheParams
 
-    def default_name(self) -> str:
+    def name_stem(self) -> str:
         return "prefix-cache"
 
 

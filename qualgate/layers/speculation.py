@@ -109,8 +109,9 @@ class DraftModelProposer(Proposer):
 class DraftModel(SpeculationLayer[DraftModelParams]):
     method: ClassVar[str] = "draft_model"
     Params: ClassVar[type[LayerParams]] = DraftModelParams
+    stem_params: ClassVar[tuple[str, ...]] = ("num_speculative_tokens",)
 
-    def default_name(self) -> str:
+    def name_stem(self) -> str:
         return f"spec-draft{self.params.num_speculative_tokens}"
 
     def identity(self) -> dict[str, Any]:
@@ -154,8 +155,9 @@ class NgramProposer(Proposer):
 class Ngram(SpeculationLayer[NgramParams]):
     method: ClassVar[str] = "ngram"
     Params = NgramParams
+    stem_params: ClassVar[tuple[str, ...]] = ("num_speculative_tokens",)
 
-    def default_name(self) -> str:
+    def name_stem(self) -> str:
         return f"spec-ngram{self.params.num_speculative_tokens}"
 
     def make_proposer(self, dtype: torch.dtype) -> Proposer:
@@ -181,7 +183,7 @@ class TypicalAcceptanceDraft(DraftModel):
     lossless: ClassVar[bool] = False
     Params = TypicalAcceptanceParams
 
-    def default_name(self) -> str:
+    def name_stem(self) -> str:
         return f"spec-typical{self.params.num_speculative_tokens}"
 
     def accept(self, draft: Sequence[int], target_logprobs: torch.Tensor) -> int:

@@ -77,8 +77,9 @@ class RoundToNearest(WeightQuantLayer[RTNParams]):
 
     method: ClassVar[str] = "rtn"
     Params = RTNParams
+    stem_params: ClassVar[tuple[str, ...]] = ("bits", "group_size")
 
-    def default_name(self) -> str:
+    def name_stem(self) -> str:
         p = self.params
         return f"w{p.bits}" + (f"g{p.group_size}" if p.group_size else "")
 
@@ -111,8 +112,9 @@ class Quanto(WeightQuantLayer[QuantoParams]):
 
     method: ClassVar[str] = "quanto"
     Params = QuantoParams
+    stem_params: ClassVar[tuple[str, ...]] = ("weights",)
 
-    def default_name(self) -> str:
+    def name_stem(self) -> str:
         return f"quanto-{self.params.weights}"
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -140,8 +142,9 @@ class TorchAO(WeightQuantLayer[TorchAOParams]):
 
     method: ClassVar[str] = "torchao"
     Params = TorchAOParams
+    stem_params: ClassVar[tuple[str, ...]] = ("bits", "group_size")
 
-    def default_name(self) -> str:
+    def name_stem(self) -> str:
         p = self.params
         return f"torchao-int{p.bits}" + (f"g{p.group_size}" if p.group_size else "")
 

@@ -44,7 +44,23 @@ def render_plots(report: dict[str, Any], run_dir: Path) -> list[Path]:
 
 def _findings_table(report: dict[str, Any]) -> dict[str, list[Any]]:
     rows = [{"stack": s["name"], **f} for s in report["stacks"] for f in s["findings"]]
-    columns = ["stack", "instrument", "metric", "value", "low", "high", "pessimistic", "warn", "fail", "status"]
+    columns = [
+        "stack",
+        "instrument",
+        "metric",
+        "value",
+        "low",
+        "high",
+        "pessimistic",
+        "warn",
+        "fail",
+        "status",
+        "gated",
+        "n",
+        "unit",
+        "n_needed",
+        "reason",
+    ]
     return {c: [row.get(c) for row in rows] for c in columns}
 
 

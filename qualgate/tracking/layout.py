@@ -113,6 +113,9 @@ def stack_spec(stack: dict[str, Any], compound_row: dict[str, Any] | None, commo
             "qualgate.kind": "stack",
             "qualgate.stack": stack["name"],
             "qualgate.verdict": stack["verdict"],
+            # What was measured without the inconclusive findings, and those by name.
+            "qualgate.measured": stack.get("measured", stack["verdict"]),
+            "qualgate.inconclusive": short(", ".join(stack.get("inconclusive", [])) or "-"),
             "qualgate.reasons": short("; ".join(stack["reasons"]) or "-"),
         },
         params=layer_params(stack),
@@ -193,6 +196,11 @@ def stack_spec(stack: dict[str, Any], compound_row: dict[str, Any] | None, commo
     spec.metric("gate/level", VERDICT_LEVEL[stack["verdict"]], step)
     spec.metric("gate/findings_failed", sum(f["status"] == "fail" for f in stack["findings"]), step)
     spec.metric("gate/findings_warned", sum(f["status"] == "warn" for f in stack["findings"]), step)
+    spec.metric("gate/findings_inconclusive", sum(f["status"] == "inconclusive" for f in stack["findings"]), step)
+    spec.metric("gate/findings_error", sum(f["status"] == "error" for f in stack["findings"]), step)
+    for f in stack["findings"]:
+        if f.get("n_needed") is not None:
+            spec.metric(f"gate/n_needed/{f['instrument']}.{f['metric']}", f["n_needed"], step)
     return spec
 
 
@@ -207,6 +215,8 @@ def build_layout(report: dict[str, Any], run_uid: str) -> RunLayout:
             **common,
             "qualgate.kind": "run",
             "qualgate.verdict": report["verdict"],
+            "qualgate.measured": report.get("measured", report["verdict"]),
+            "qualgate.inconclusive_policy": str(report.get("gate_policy", {}).get("inconclusive", "warn")),
             "qualgate.reasons": short("; ".join(report["reasons"]) or "-"),
             "qualgate.version": str(provenance.get("qualgate")),
             "git.commit": str(git.get("commit")),
@@ -241,5 +251,6 @@ def build_layout(report: dict[str, Any], run_uid: str) -> RunLayout:
     for verdict in VERDICT_LEVEL:
         parent.metric(f"stacks/{verdict}", sum(s["verdict"] == verdict for s in report["stacks"]))
     parent.metric("gate/level", VERDICT_LEVEL[report["verdict"]])
+    parent.metric("gate/findings_inconclusive", report.get("inconclusive", 0))
     stacks = [StackRun(stack_spec(stack, rows.get(stack["name"]), common), stack) for stack in report["stacks"]]
     return RunLayout(parent, stacks)

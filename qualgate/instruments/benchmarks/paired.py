@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from qualgate.errors import ConfigError
-from qualgate.stats import Estimate, proportion
+from qualgate.stats import Estimate, proportion, zero_events_bound
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def paired_difference(b: int, c: int, n: int) -> Estimate:
     d = (c - b) / n
     variance = ((b + c) / n - d * d) / n
     if b + c == 0:
-        bound = 1 - 0.025 ** (1 / n)
+        bound = zero_events_bound(n)
         return Estimate(0.0, 0.0, -bound, bound)
     return Estimate.normal(d, math.sqrt(max(variance, 0.0)))
 
