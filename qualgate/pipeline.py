@@ -632,6 +632,8 @@ def _fidelity_view(record: dict[str, Any]) -> dict[str, Any]:
         "ln_ppl_ratio",
         "ppl_ratio",
         "kl_mean",
+        "kl_estimator",
+        "kl_bound",
         "kl_percentiles",
         "same_top1",
         "dp_rms",

@@ -223,22 +223,30 @@ def _decode_path_lines(report: dict[str, Any]) -> list[str]:
 
 
 # KL over the reference's top-k plus one tail bucket understates the full KL by roughly the reference's
-# share of mass outside its top-k (tests/test_fidelity_crosschecks.py): say so when that share is large.
+# share of mass outside its top-k (tests/test_fidelity_crosschecks.py): say so when a stack's KL is
+# that bound (an HTTP engine returning only its own top-k, or a golden without a tail sample).
 LOOSE_TAIL_MASS = 0.05
 
 
 def _loose_bound_notes(report: dict[str, Any]) -> list[str]:
-    for stack in report["stacks"]:
-        fidelity = stack.get("instruments", {}).get("fidelity")
-        if fidelity and fidelity["reference_tail_mass"] > LOOSE_TAIL_MASS:
-            k, tail = fidelity["top_k"], fidelity["reference_tail_mass"]
-            return [
-                "",
-                f"> KL is a lower bound over the reference's top-{k} plus one tail bucket: {tail:.0%} of the "
-                f"reference's probability lies outside its top-{k}, so KL may be understated by about that share. "
-                "Record the golden with a larger `--top-k` for a tighter bound.",
-            ]
-    return []
+    bounded = [
+        (stack["name"], fidelity)
+        for stack in report["stacks"]
+        if (fidelity := stack.get("instruments", {}).get("fidelity"))
+        and fidelity.get("kl_estimator", {}).get("kind", "bound") == "bound"
+    ]
+    if not bounded:
+        return []
+    names = ", ".join(f"`{name}`" for name, _ in bounded)
+    k, tail = bounded[0][1]["top_k"], bounded[0][1]["reference_tail_mass"]
+    why = bounded[0][1].get("kl_estimator", {}).get("why", "the golden has no tail sample")
+    lines = ["", f"> KL of {names} is a lower bound (top-{k} plus one tail bucket: {why}), not an estimate."]
+    if tail > LOOSE_TAIL_MASS:
+        lines.append(
+            f"> {tail:.0%} of the reference's probability lies outside its top-{k}, so it may be understated by "
+            "about that share: gate it with care, or score the stack in process against a golden with a tail sample."
+        )
+    return lines
 
 
 def junit(report: dict[str, Any]) -> str:

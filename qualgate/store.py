@@ -9,13 +9,14 @@ import hashlib
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qualgate.code_identity import package_source_hash
-from qualgate.errors import InfrastructureError
+from qualgate.errors import ConfigError, InfrastructureError
 
 
 def identity_key(identity: dict[str, Any]) -> str:
@@ -28,11 +29,19 @@ def identity_key(identity: dict[str, Any]) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (what `sha256sum` prints), or of a directory: every file under it
+    by relative path, size and bytes, so moving a file between subdirectories or shifting bytes from
+    one file's end to the next one's name is another directory."""
+    if not path.exists():
+        raise ConfigError(f"'{path}' does not exist; check the path (relative to the working directory)")
+    if not path.is_dir():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
     digest = hashlib.sha256()
-    for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+    for file in sorted(path.rglob("*")):
         if file.is_file():
-            digest.update(file.name.encode())
-            digest.update(file.read_bytes())
+            data = file.read_bytes()
+            digest.update(f"{file.relative_to(path).as_posix()}\0{len(data)}\0".encode())
+            digest.update(data)
     return digest.hexdigest()
 
 
@@ -94,13 +103,16 @@ class NpzChunkCheckpoint:
         try:
             with np.load(path) as data:
                 return {key: data[key] for key in data.files}
-        except (OSError, ValueError):
-            return None  # torn by a kill: score the chunk again
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            return None  # torn by a crash (empty or half-written): score the chunk again
 
     def save(self, index: int, part: dict[str, np.ndarray]) -> None:
         tmp = self.directory / f"{index:06d}.tmp.npz"
-        save: Any = np.savez  # numpy's stub reads **arrays as its allow_pickle flag
-        save(tmp, **part)
+        with tmp.open("wb") as fh:
+            save: Any = np.savez  # numpy's stub reads **arrays as its allow_pickle flag
+            save(fh, **part)
+            fh.flush()
+            os.fsync(fh.fileno())  # whole on disk before the rename makes it visible
         tmp.replace(self.directory / f"{index:06d}.npz")
 
     def discard(self) -> None:

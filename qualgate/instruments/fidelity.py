@@ -297,6 +297,11 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
     ln_ratio = clustered_mean(nll_q - nll_p, chunks, level)
     kl_plain = plain_mean(kl, level)
     kl_clustered = clustered_mean(kl, chunks, level)
+    if estimator["sampling_se"] > kl_clustered.se:
+        # The clustered SE holds the tail sample's variance in expectation but is itself estimated from
+        # a few chunks: it is never allowed below the sampling SE alone.
+        df = int(np.unique(chunks).size) - 1
+        kl_clustered = Estimate.student(kl_clustered.value, estimator["sampling_se"], df, level)
     bound_clustered = clustered_mean(kl_bound, chunks, level)
     top1 = proportion(same, level)
     buckets = []

@@ -1,0 +1,615 @@
+"""Publishing a report (qualgate/report.py): the verdict label, summary.md, junit.xml, the files `write`
+puts down (and $GITHUB_STEP_SUMMARY, cut at its limit) and the terminal lines, on small report dicts built
+by hand in the shape Runner.run returns. Every expected string is written out by hand. No model, no
+fixture beyond pytest's own (fast; mutation-tested)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+import pytest
+
+from qualgate import report
+from qualgate.errors import ConfigError
+from qualgate.gate import Finding, Policy, judge
+
+PIPELINE = "nightly"
+NAN = float("nan")
+
+
+def judged(finding: Finding, warn: float | None, fail: float | None, policy: Policy = "warn") -> dict[str, Any]:
+    return judge(finding, warn, fail, policy).as_dict()
+
+
+# The findings below, with what judge makes of them (tests/test_gate.py works these out).
+# kl_mean 0.015 past warn 0.01, its bound 0.025 past fail 0.02: fail
+KL_FAIL = judged(Finding("fidelity", "kl_mean", 0.015, 0.01, 0.025, n=16, unit="chunks"), 0.01, 0.02)
+KL_FAIL_REASON = "kl_mean upper bound 0.025 crosses fail 0.02"
+TOP1_PASS = judged(Finding("fidelity", "same_top1", 0.95, 0.94, 0.96, n=1000, unit="tokens"), 0.9, 0.8)
+# recovery 0.97 within warn 0.95, its bound 0.93 past it: inconclusive, 50 * (0.04 / 0.02)^2 = 200
+REC_INC_REASON = (
+    "recovery 0.97 within thresholds, but its lower bound 0.93 crosses warn 0.95 for lack of samples "
+    "(n_needed 200; have 50 documents)"
+)
+PPL_WARN = judged(Finding("fidelity", "ppl_ratio", 1.03, 1.01, 1.04, n=16, unit="chunks"), 1.02, 1.05)
+PPL_WARN_REASON = "ppl_ratio upper bound 1.04 crosses warn 1.02"
+DECODE_ERROR = judged(
+    Finding("fidelity", "decode_kl_mean", NAN, NAN, NAN, n=8, unit="prompts", cause="no tokens decoded"), 0.05, 0.1
+)
+DECODE_ERROR_REASON = "decode_kl_mean value is nan: no tokens decoded; a gated value must be finite"
+# kl_mean 0.00812345 within warn 0.01, its bound 0.012 past it: inconclusive,
+# 16 * ((0.012 - 0.00812345) / (0.01 - 0.00812345))^2 = 16 * (0.00387655 / 0.00187655)^2 = 16 * 4.26747 = 68.28 -> 69
+KL_INC_REASON = (
+    "kl_mean 0.00812345 within thresholds, but its upper bound 0.012 crosses warn 0.01 for lack of samples "
+    "(n_needed 69; have 16 chunks)"
+)
+
+
+def rec_inc(policy: Policy = "warn") -> dict[str, Any]:
+    return judged(Finding("benchmarks.gsm8k", "recovery", 0.97, 0.93, 1.01, n=50, unit="documents"), 0.95, 0.9, policy)
+
+
+def kl_inc(policy: Policy = "warn") -> dict[str, Any]:
+    return judged(Finding("fidelity", "kl_mean", 0.00812345, 0.004, 0.012, n=16, unit="chunks"), 0.01, 0.02, policy)
+
+
+def stack(
+    name: str,
+    findings: list[dict[str, Any]],
+    verdict: str,
+    measured: str,
+    inconclusive: list[str],
+    role: str = "candidate",
+    step: int = 1,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "role": role,
+        "step": step,
+        "verdict": verdict,
+        "measured": measured,
+        "inconclusive": inconclusive,
+        "findings": findings,
+        "reasons": [f"{f['instrument']}.{f['reason']}" for f in findings if f["status"] != "pass"],
+        "instruments": {},
+    }
+
+
+def make_report(
+    stacks: list[dict[str, Any]], verdict: str, measured: str, inconclusive: int, policy: Policy = "warn"
+) -> dict[str, Any]:
+    return {
+        "pipeline": PIPELINE,
+        "verdict": verdict,
+        "measured": measured,
+        "inconclusive": inconclusive,
+        "gate_policy": {"inconclusive": policy},
+        "reasons": [f"{s['name']}: {r}" for s in stacks for r in s["reasons"]],
+        "stacks": stacks,
+        "compound": {"metrics": ["kl_mean"], "baseline": {}, "ladder": [], "singles": []},
+        "provenance": {"qualgate": "0.0.0"},
+    }
+
+
+def q4_report() -> dict[str, Any]:
+    """One stack with a finding of every status (policy warn)."""
+    findings = [KL_FAIL, TOP1_PASS, rec_inc(), PPL_WARN, DECODE_ERROR]
+    return make_report(
+        [stack("q4", findings, "fail", "fail", ["benchmarks.gsm8k.recovery"])], "fail", "fail", 1, "warn"
+    )
+
+
+def test_fixture_findings_have_the_statuses_the_tests_rely_on() -> None:
+    assert (KL_FAIL["status"], KL_FAIL["reason"]) == ("fail", KL_FAIL_REASON)
+    assert (TOP1_PASS["status"], TOP1_PASS["gated"]) == ("pass", "pass")
+    assert (rec_inc()["status"], rec_inc()["gated"], rec_inc()["reason"]) == ("inconclusive", "warn", REC_INC_REASON)
+    assert (rec_inc("fail")["gated"], rec_inc("pass")["gated"]) == ("fail", "pass")
+    assert (PPL_WARN["status"], PPL_WARN["reason"]) == ("warn", PPL_WARN_REASON)
+    assert (DECODE_ERROR["status"], DECODE_ERROR["gated"], DECODE_ERROR["reason"]) == (
+        "error",
+        "fail",
+        DECODE_ERROR_REASON,
+    )
+    assert (kl_inc()["status"], kl_inc()["n_needed"], kl_inc()["reason"]) == ("inconclusive", 69, KL_INC_REASON)
+
+
+# -- verdict_label -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("result", "label"),
+    [
+        ({"verdict": "pass"}, "PASS"),
+        ({"verdict": "warn"}, "WARN"),
+        ({"verdict": "fail"}, "FAIL"),
+        ({"verdict": "fail", "measured": "fail", "inconclusive": []}, "FAIL"),
+        ({"verdict": "warn", "measured": "warn", "inconclusive": 0}, "WARN"),
+        ({"verdict": "pass", "inconclusive": None}, "PASS"),
+        # the warn came only from an inconclusive finding: a lack of samples, not measured degradation
+        ({"verdict": "warn", "measured": "pass", "inconclusive": ["benchmarks.gsm8k.recovery"]}, "WARN (inconclusive)"),
+        ({"verdict": "fail", "measured": "warn", "inconclusive": ["judge.net_loss"]}, "FAIL (inconclusive)"),
+        # measured as bad as the verdict: the inconclusive ones are counted beside it
+        ({"verdict": "warn", "measured": "warn", "inconclusive": ["a.b"]}, "WARN (1 inconclusive)"),
+        ({"verdict": "pass", "measured": "pass", "inconclusive": ["a.b", "c.d"]}, "PASS (2 inconclusive)"),
+        # no "measured" (an older report): the verdict stands for it
+        ({"verdict": "fail", "inconclusive": ["a.b", "c.d", "e.f"]}, "FAIL (3 inconclusive)"),
+        # the report level counts its inconclusive findings as an int
+        ({"verdict": "warn", "measured": "pass", "inconclusive": 2}, "WARN (inconclusive)"),
+        ({"verdict": "pass", "measured": "pass", "inconclusive": 3}, "PASS (3 inconclusive)"),
+        ({"verdict": "fail", "measured": "fail", "inconclusive": 1}, "FAIL (1 inconclusive)"),
+    ],
+)
+def test_verdict_label(result: dict[str, Any], label: str) -> None:
+    assert report.verdict_label(result) == label
+
+
+# -- junit ---------------------------------------------------------------------------------------------
+def parse_junit(xml: str) -> ET.Element:
+    assert xml.startswith("<?xml version='1.0' encoding='utf-8'?>\n<testsuites>")
+    root = ET.fromstring(xml)
+    assert root.tag == "testsuites"
+    assert len(root) == 1
+    return root[0]
+
+
+def counts(suite: ET.Element) -> tuple[str | None, ...]:
+    return tuple(suite.get(k) for k in ("name", "tests", "failures", "errors", "skipped"))
+
+
+def test_junit_one_case_per_finding_under_its_status() -> None:
+    suite = parse_junit(report.junit(q4_report()))
+    assert suite.tag == "testsuite"
+    # 5 findings: fail -> failure, pass -> nothing, inconclusive (counted as warn) -> skipped,
+    # warn -> system-out, error -> error
+    assert counts(suite) == ("qualgate.nightly", "5", "1", "1", "1")
+    cases = list(suite)
+    assert [c.tag for c in cases] == ["testcase"] * 5
+    assert [(c.get("classname"), c.get("name")) for c in cases] == [
+        ("qualgate.nightly.q4", "fidelity.kl_mean"),
+        ("qualgate.nightly.q4", "fidelity.same_top1"),
+        ("qualgate.nightly.q4", "benchmarks.gsm8k.recovery"),
+        ("qualgate.nightly.q4", "fidelity.ppl_ratio"),
+        ("qualgate.nightly.q4", "fidelity.decode_kl_mean"),
+    ]
+    kl_case, top1_case, rec_case, ppl_case, decode_case = cases
+
+    assert [child.tag for child in kl_case] == ["failure"]
+    assert kl_case[0].attrib == {"message": f"FAIL: {KL_FAIL_REASON}"}
+    assert json.loads(kl_case[0].text or "") == KL_FAIL
+
+    assert len(top1_case) == 0 and top1_case.text is None
+
+    assert [child.tag for child in rec_case] == ["skipped"]
+    assert rec_case[0].attrib == {"message": f"INCONCLUSIVE: {REC_INC_REASON}"}
+    assert rec_case[0].text is None
+
+    assert [child.tag for child in ppl_case] == ["system-out"]
+    assert ppl_case[0].attrib == {}
+    assert ppl_case[0].text == f"WARN: {PPL_WARN_REASON}"
+
+    assert [child.tag for child in decode_case] == ["error"]
+    assert decode_case[0].attrib == {"message": f"ERROR: {DECODE_ERROR_REASON}"}
+    carried = json.loads(decode_case[0].text or "")
+    assert (carried["metric"], carried["status"], carried["gated"], carried["reason"]) == (
+        "decode_kl_mean",
+        "error",
+        "fail",
+        DECODE_ERROR_REASON,
+    )
+
+
+def test_junit_inconclusive_counted_as_fail_is_a_failure() -> None:
+    findings = [rec_inc("fail"), TOP1_PASS]
+    doc = make_report(
+        [stack("kv8", findings, "fail", "pass", ["benchmarks.gsm8k.recovery"])], "fail", "pass", 1, "fail"
+    )
+    suite = parse_junit(report.junit(doc))
+    assert counts(suite) == ("qualgate.nightly", "2", "1", "0", "0")
+    rec_case = suite[0]
+    assert (rec_case.get("classname"), rec_case.get("name")) == ("qualgate.nightly.kv8", "benchmarks.gsm8k.recovery")
+    assert [child.tag for child in rec_case] == ["failure"]
+    # the message keeps the finding's own status: a lack of samples, counted as fail by the policy
+    assert rec_case[0].get("message") == f"INCONCLUSIVE: {REC_INC_REASON}"
+    assert json.loads(rec_case[0].text or "")["gated"] == "fail"
+
+
+def test_junit_inconclusive_counted_as_pass_is_still_skipped() -> None:
+    doc = make_report(
+        [stack("kv8", [rec_inc("pass")], "pass", "pass", ["benchmarks.gsm8k.recovery"])], "pass", "pass", 1
+    )
+    suite = parse_junit(report.junit(doc))
+    assert counts(suite) == ("qualgate.nightly", "1", "0", "0", "1")
+    assert [child.tag for child in suite[0]] == ["skipped"]
+    assert suite[0][0].get("message") == f"INCONCLUSIVE: {REC_INC_REASON}"
+
+
+def test_junit_counts_across_stacks() -> None:
+    stacks = [
+        stack("baseline", [], "pass", "pass", [], role="baseline", step=0),
+        stack("q4", [KL_FAIL, TOP1_PASS], "fail", "fail", []),
+        stack("q8", [KL_FAIL, DECODE_ERROR, DECODE_ERROR, rec_inc(), PPL_WARN], "fail", "fail", ["x.y"]),
+    ]
+    suite = parse_junit(report.junit(make_report(stacks, "fail", "fail", 1)))
+    # 2 + 5 findings; failures: 2 kl_mean; errors: 2 decode; skipped: 1 recovery
+    assert counts(suite) == ("qualgate.nightly", "7", "2", "2", "1")
+    assert [c.get("classname") for c in suite] == ["qualgate.nightly.q4"] * 2 + ["qualgate.nightly.q8"] * 5
+
+
+def test_junit_fail_status_is_a_failure_whatever_it_is_counted_as() -> None:
+    # a finding built by hand with status fail but the default gated "pass", and one from an older report
+    # without "gated": junit still reports both as failures
+    by_hand = Finding("equivalence", "checks", 2.0, None, None, status="fail", reason="2 problems").as_dict()
+    assert by_hand["gated"] == "pass"
+    older = {k: v for k, v in KL_FAIL.items() if k != "gated"}
+    older_warn = {k: v for k, v in PPL_WARN.items() if k != "gated"}
+    doc = make_report([stack("q4", [by_hand, older, older_warn], "fail", "fail", [])], "fail", "fail", 0)
+    suite = parse_junit(report.junit(doc))
+    assert counts(suite) == ("qualgate.nightly", "3", "2", "0", "0")
+    assert [[child.tag for child in case] for case in suite] == [["failure"], ["failure"], ["system-out"]]
+    assert suite[0][0].get("message") == "FAIL: 2 problems"
+
+
+def test_junit_of_a_passing_report_has_no_failures() -> None:
+    doc = make_report([stack("baseline", [TOP1_PASS], "pass", "pass", [], role="baseline", step=0)], "pass", "pass", 0)
+    suite = parse_junit(report.junit(doc))
+    assert counts(suite) == ("qualgate.nightly", "1", "0", "0", "0")
+    assert len(suite[0]) == 0
+
+
+def test_junit_a_reason_with_xml_specials_round_trips() -> None:
+    reason = "a < b & c > d, \"double\" and 'single' quotes, ]]> end of CDATA, &amp; literal\nsecond line\tand a tab"
+    failed = Finding("equivalence", "checks", 1.0, None, None, None, 0, "fail", reason, gated="fail").as_dict()
+    warned = Finding("judge", "net_loss", 0.1, 0.0, 0.2, status="warn", reason=reason, gated="warn").as_dict()
+    doc = make_report([stack("odd <&> name", [failed, warned], "fail", "fail", [])], "fail", "fail", 0)
+    suite = parse_junit(report.junit(doc))
+    assert counts(suite) == ("qualgate.nightly", "2", "1", "0", "0")
+    fail_case, warn_case = suite
+    assert fail_case.get("classname") == "qualgate.nightly.odd <&> name"
+    assert fail_case[0].get("message") == f"FAIL: {reason}"
+    assert json.loads(fail_case[0].text or "")["reason"] == reason
+    assert warn_case[0].tag == "system-out"
+    assert warn_case[0].text == f"WARN: {reason}"
+
+
+# -- markdown ------------------------------------------------------------------------------------------
+TABLE_HEADER = (
+    "| stack | verdict | KL mean [95%] | same top-1 [95%] | PPL ratio [95%] | real divergences | "
+    "worst recovery [95%] | reasons |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- |"
+)
+INCONCLUSIVE_HEADER = (
+    "| stack | finding | value [95%] | warn / fail | sample | n needed at this rate |\n"
+    "| --- | --- | --- | --- | --- | --- |"
+)
+
+
+def kv8_findings(policy: Policy) -> list[dict[str, Any]]:
+    return [
+        kl_inc(policy),
+        TOP1_PASS,
+        judged(Finding("fidelity", "ppl_ratio", 1.0123456, 1.001, 1.0151, n=16, unit="chunks"), 1.02, 1.05, policy),
+        judged(Finding("equivalence", "real_divergences", 0.0, None, None), None, None, policy),
+        # two tasks: the worst recovery is the one whose interval reaches lowest (gsm8k 0.951 < arc 0.96)
+        judged(Finding("benchmarks.arc", "recovery", 0.99, 0.96, 1.02, n=80, unit="documents"), 0.95, 0.9, policy),
+        judged(Finding("benchmarks.gsm8k", "recovery", 0.98, 0.951, 1.009, n=50, unit="documents"), 0.95, 0.9, policy),
+    ]
+
+
+def kv8_report(policy: Policy) -> dict[str, Any]:
+    verdict = "pass" if policy == "pass" else policy
+    stacks = [
+        stack("baseline", [], "pass", "pass", [], role="baseline", step=0),
+        stack("kv8", kv8_findings(policy), verdict, "pass", ["fidelity.kl_mean"]),
+    ]
+    return make_report(stacks, verdict, "pass", 1, policy)
+
+
+# the cells of kv8 at 4 significant digits: 0.00812345 -> 0.008123, 1.0123456 -> 1.012, 1.0151 -> 1.015
+KV8_CELLS = "0.008123 [0.004, 0.012] | 0.95 [0.94, 0.96] | 1.012 [1.001, 1.015] | 0 | gsm8k 0.98 [0.951, 1.009]"
+
+
+def test_markdown_of_a_warn_that_came_from_an_inconclusive_finding() -> None:
+    expected = "\n".join(
+        [
+            "## qualgate: nightly — WARN (inconclusive)",
+            "",
+            TABLE_HEADER,
+            "| `baseline` | PASS | - | - | - | - | - | - |",
+            f"| `kv8` | WARN (inconclusive) | {KV8_CELLS} | fidelity.{KL_INC_REASON} |",
+            "",
+            "### Inconclusive: not enough samples to clear a threshold (counted as warn)",
+            "",
+            INCONCLUSIVE_HEADER,
+            "| `kv8` | fidelity.kl_mean | 0.008123 [0.004, 0.012] | 0.01 / 0.02 | 16 chunks | 69 |",
+            "",
+        ]
+    )
+    assert report.markdown(kv8_report("warn")) == expected
+
+
+def test_markdown_under_policy_pass_counts_the_inconclusive_beside_the_pass() -> None:
+    expected = "\n".join(
+        [
+            "## qualgate: nightly — PASS (1 inconclusive)",
+            "",
+            TABLE_HEADER,
+            "| `baseline` | PASS | - | - | - | - | - | - |",
+            f"| `kv8` | PASS (1 inconclusive) | {KV8_CELLS} | fidelity.{KL_INC_REASON} |",
+            "",
+            "### Inconclusive: not enough samples to clear a threshold (counted as pass)",
+            "",
+            INCONCLUSIVE_HEADER,
+            "| `kv8` | fidelity.kl_mean | 0.008123 [0.004, 0.012] | 0.01 / 0.02 | 16 chunks | 69 |",
+            "",
+        ]
+    )
+    assert report.markdown(kv8_report("pass")) == expected
+
+
+def test_markdown_inconclusive_policy_defaults_to_warn_and_unknown_sizes_show_a_dash() -> None:
+    # no sample size: no n_needed either
+    unknown = judged(Finding("judge", "net_loss", 0.05, -0.01, 0.12), 0.1, 0.2)
+    assert (unknown["status"], unknown["n"], unknown["n_needed"]) == ("inconclusive", None, None)
+    doc = make_report([stack("spec", [unknown], "warn", "pass", ["judge.net_loss"])], "warn", "pass", 1)
+    del doc["gate_policy"]
+    lines = report.markdown(doc).split("\n")
+    assert "### Inconclusive: not enough samples to clear a threshold (counted as warn)" in lines
+    assert lines[-2] == "| `spec` | judge.net_loss | 0.05 [-0.01, 0.12] | 0.1 / 0.2 | -  | - |"
+    assert lines[4] == (
+        "| `spec` | WARN (inconclusive) | - | - | - | - | - | judge.net_loss 0.05 within thresholds, but its upper "
+        "bound 0.12 crosses warn 0.1 for lack of samples (no sample size clears it at this estimate; have an "
+        "unknown sample) |"
+    )
+
+
+def test_markdown_of_a_failing_stack_lists_its_reasons_and_no_inconclusive_section_without_one() -> None:
+    findings = [KL_FAIL, TOP1_PASS, PPL_WARN]
+    doc = make_report([stack("q4", findings, "fail", "fail", [])], "fail", "fail", 0)
+    expected = "\n".join(
+        [
+            "## qualgate: nightly — FAIL",
+            "",
+            TABLE_HEADER,
+            "| `q4` | FAIL | 0.015 [0.01, 0.025] | 0.95 [0.94, 0.96] | 1.03 [1.01, 1.04] | - | - | "
+            f"fidelity.{KL_FAIL_REASON}; fidelity.{PPL_WARN_REASON} |",
+            "",
+        ]
+    )
+    assert report.markdown(doc) == expected
+
+
+def test_markdown_inconclusive_row_of_a_finding_without_a_unit() -> None:
+    older = {k: v for k, v in kl_inc().items() if k != "unit"}
+    doc = make_report([stack("kv8", [older], "warn", "pass", ["fidelity.kl_mean"])], "warn", "pass", 1)
+    lines = report.markdown(doc).split("\n")
+    assert lines[-2] == "| `kv8` | fidelity.kl_mean | 0.008123 [0.004, 0.012] | 0.01 / 0.02 | 16  | 69 |"
+
+
+def test_markdown_ladder_section() -> None:
+    def deltas(vs_baseline: float | None, vs_previous: float | None, interaction: float | None) -> dict[str, Any]:
+        return {
+            "value": None,
+            "vs_baseline": vs_baseline,
+            "vs_previous": vs_previous,
+            "sum_of_singles": None,
+            "interaction": interaction,
+        }
+
+    ladder = [
+        {
+            "stack": "q4",
+            "step": 1,
+            "layers": ["q4"],
+            "kl_mean": deltas(0.0123456, 0.0123456, None),
+            "ln_ppl_ratio": deltas(0.0301, 0.0301, None),
+            "top1_loss": deltas(0.05, 0.05, None),
+        },
+        {
+            "stack": "q4+kv8",
+            "step": 2,
+            "layers": ["q4", "kv8"],
+            "kl_mean": deltas(0.02, 0.0076544, -0.001),
+            "ln_ppl_ratio": deltas(None, None, None),
+            "top1_loss": deltas(0.07, 0.02, 0.005),
+        },
+    ]
+    doc = make_report([stack("q4", [KL_FAIL], "fail", "fail", [])], "fail", "fail", 0)
+    doc["compound"]["ladder"] = ladder
+    expected = "\n".join(
+        [
+            "## qualgate: nightly — FAIL",
+            "",
+            TABLE_HEADER,
+            f"| `q4` | FAIL | 0.015 [0.01, 0.025] | - | - | - | - | fidelity.{KL_FAIL_REASON} |",
+            "",
+            "### Compound degradation (ladder)",
+            "",
+            "| step | stack | KL vs base | KL vs previous | KL interaction | ln PPL ratio vs base | "
+            "top-1 loss vs base |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            # 4 significant digits: 0.0123456 -> 0.01235, 0.0076544 -> 0.007654
+            "| 1 | `q4` | 0.01235 | 0.01235 | - | 0.0301 | 0.05 |",
+            "| 2 | `q4+kv8` | 0.02 | 0.007654 | -0.001 | - | 0.07 |",
+            "",
+        ]
+    )
+    assert report.markdown(doc) == expected
+
+
+# -- write and read ------------------------------------------------------------------------------------
+def test_write_puts_down_the_three_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    doc = kv8_report("warn")
+    out = tmp_path / "run" / "nested"
+    report.write(doc, out)
+    assert sorted(p.name for p in out.iterdir()) == ["junit.xml", "report.json", "summary.md"]
+    text = (out / "report.json").read_text(encoding="utf-8")
+    assert json.loads(text) == doc
+    # sorted keys, indented by two, one trailing newline
+    assert text.startswith('{\n  "compound": {\n    "baseline": {},\n')
+    assert text.endswith('\n  "verdict": "warn"\n}\n')
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert summary.startswith("## qualgate: nightly — WARN (inconclusive)\n\n| stack |")
+    assert summary == report.markdown(doc)
+    xml = (out / "junit.xml").read_text(encoding="utf-8")
+    assert xml.endswith("</testsuites>\n")
+    suite = parse_junit(xml)
+    # 6 kv8 findings, the inconclusive kl_mean skipped
+    assert counts(suite) == ("qualgate.nightly", "6", "0", "0", "1")
+    assert report.read(out) == doc
+
+
+def test_write_into_an_existing_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    (tmp_path / "report.json").write_text("stale", encoding="utf-8")
+    report.write(q4_report(), tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))["verdict"] == "fail"
+
+
+def test_write_appends_to_the_github_step_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    step = tmp_path / "step_summary.md"
+    step.write_text("earlier step\n", encoding="utf-8")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
+    doc = kv8_report("warn")
+    report.write(doc, tmp_path / "out")
+    summary = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
+    assert len(summary) > 100
+    assert step.read_text(encoding="utf-8") == "earlier step\n" + summary
+    # a second run in the same job keeps both
+    report.write(doc, tmp_path / "out2")
+    assert step.read_text(encoding="utf-8") == "earlier step\n" + summary + summary
+
+
+def test_write_cuts_the_step_summary_at_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    step = tmp_path / "step_summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
+    monkeypatch.setattr(report, "GITHUB_SUMMARY_LIMIT", 100)
+    report.write(kv8_report("warn"), tmp_path / "out")
+    summary = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
+    assert len(summary) > 100  # summary.md itself is whole
+    appended = step.read_text(encoding="utf-8")
+    assert len(appended) == 100
+    assert appended == summary[:100]
+    report.write(kv8_report("warn"), tmp_path / "out")
+    assert step.read_text(encoding="utf-8") == summary[:100] * 2
+
+
+def test_write_leaves_a_short_summary_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    step = tmp_path / "step_summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
+    report.write(q4_report(), tmp_path / "out")
+    assert step.read_text(encoding="utf-8") == (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
+
+
+def test_write_without_a_step_summary_writes_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    report.write(q4_report(), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", "")
+    report.write(q4_report(), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_the_github_summary_limit_is_one_mebibyte() -> None:
+    assert report.GITHUB_SUMMARY_LIMIT == 1024 * 1024
+
+
+def test_read_of_a_missing_report_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ConfigError) as raised:
+        report.read(missing)
+    assert str(raised.value) == f"{missing / 'report.json'} does not exist; run qualgate run --out {missing} first"
+
+
+# -- print_report --------------------------------------------------------------------------------------
+@pytest.fixture
+def plain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rich writes plain text to a captured stdout unless the environment forces a terminal."""
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "NO_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def table_rows(lines: list[str]) -> list[list[str]]:
+    """The header and body rows of rich's table, cell by cell."""
+    return [
+        [cell.strip() for cell in line.split(sep)[1:-1]] for line in lines for sep in ("┃", "│") if line.startswith(sep)
+    ]
+
+
+def print_report_stacks() -> list[dict[str, Any]]:
+    return [
+        stack("baseline", [TOP1_PASS], "pass", "pass", [], role="baseline", step=0),
+        stack("q4", [KL_FAIL, TOP1_PASS, rec_inc(), PPL_WARN, DECODE_ERROR], "fail", "fail", ["x.y"]),
+        stack("kv8", kv8_findings("warn"), "warn", "pass", ["fidelity.kl_mean"], role="ladder", step=2),
+    ]
+
+
+@pytest.mark.usefixtures("plain")
+def test_print_report_names_each_finding_under_its_own_status(capsys: pytest.CaptureFixture[str]) -> None:
+    report.print_report(make_report(print_report_stacks(), "fail", "fail", 2))
+    lines = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+    assert lines[0].strip() == "qualgate nightly: FAIL (2 inconclusive)"
+    # the stack's FAIL does not swallow the inconclusive recovery under it: each line says its own status
+    assert lines[-5:] == [
+        f"FAIL q4: fidelity.{KL_FAIL_REASON}",
+        f"INCONCLUSIVE q4: benchmarks.gsm8k.{REC_INC_REASON}",
+        f"WARN q4: fidelity.{PPL_WARN_REASON}",
+        f"ERROR q4: fidelity.{DECODE_ERROR_REASON}",
+        f"INCONCLUSIVE kv8: fidelity.{KL_INC_REASON}",
+    ]
+    # passing findings get no line of their own
+    assert not any("within thresholds" in line and "same_top1" in line for line in lines)
+    assert not any(line.startswith("PASS") for line in lines)
+    assert table_rows(lines[:-5]) == [
+        [
+            "stack",
+            "role",
+            "verdict",
+            "KL mean [95%]",
+            "same top-1 [95%]",
+            "PPL ratio [95%]",
+            "real div.",
+            "worst recovery [95%]",
+        ],
+        ["baseline", "baseline", "PASS", "-", "0.95 [0.94, 0.96]", "-", "-", "-"],
+        [
+            "q4",
+            "candidate",
+            "FAIL (1 inconclusive)",
+            "0.015 [0.01, 0.025]",
+            "0.95 [0.94, 0.96]",
+            "1.03 [1.01, 1.04]",
+            "-",
+            "gsm8k 0.97 [0.93, 1.01]",
+        ],
+        ["kv8", "ladder", "WARN (inconclusive)", *KV8_CELLS.split(" | ")],
+    ]
+
+
+def test_print_report_finding_lines_stay_plain_on_a_colour_terminal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a forced colour terminal styles the table, never the finding lines (numbers are not highlighted)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    report.print_report(make_report(print_report_stacks(), "fail", "fail", 2))
+    lines = capsys.readouterr().out.splitlines()
+    assert any("\x1b[" in line for line in lines[:-5])
+    assert lines[-5:] == [
+        f"FAIL q4: fidelity.{KL_FAIL_REASON}",
+        f"INCONCLUSIVE q4: benchmarks.gsm8k.{REC_INC_REASON}",
+        f"WARN q4: fidelity.{PPL_WARN_REASON}",
+        f"ERROR q4: fidelity.{DECODE_ERROR_REASON}",
+        f"INCONCLUSIVE kv8: fidelity.{KL_INC_REASON}",
+    ]
+
+
+@pytest.mark.usefixtures("plain")
+def test_print_report_of_a_passing_report_prints_only_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    doc = make_report([stack("baseline", [TOP1_PASS], "pass", "pass", [], role="baseline", step=0)], "pass", "pass", 0)
+    report.print_report(doc)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].strip() == "qualgate nightly: PASS"
+    assert table_rows(lines)[1:] == [["baseline", "baseline", "PASS", "-", "0.95 [0.94, 0.96]", "-", "-", "-"]]
+    assert lines[-1].startswith("└")  # the table is the last thing printed
