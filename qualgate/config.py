@@ -159,6 +159,21 @@ GATE_METRICS = (
 )
 
 
+def check_tier_order(metric: str, tiers: Threshold, where: str) -> None:
+    """Warn comes before fail: a looser warn than fail would make the gate judge against the wrong tier."""
+    from qualgate.gate import METRIC_DIRECTION
+
+    if tiers.warn is None or tiers.fail is None or tiers.warn == tiers.fail:
+        return
+    bigger_is_worse = METRIC_DIRECTION.get(metric, True)
+    if (tiers.warn > tiers.fail) == bigger_is_worse:
+        order = "below" if bigger_is_worse else "above"
+        raise ConfigError(
+            f"{where}: gate.{metric}: warn {tiers.warn:g} must be {order} fail {tiers.fail:g} "
+            f"({'bigger' if bigger_is_worse else 'smaller'} is worse for {metric}); swap them"
+        )
+
+
 def load_pipeline(path: Path) -> Pipeline:
     where = str(path)
     if not path.is_file():
@@ -178,11 +193,12 @@ def load_pipeline(path: Path) -> Pipeline:
         pipeline = Pipeline.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(describe(exc, where, sorted(Pipeline.model_fields))) from None
-    for metric in pipeline.gate:
+    for metric, tiers in pipeline.gate.items():
         if metric not in GATE_METRICS:
             raise ConfigError(
                 f"{where}: gate.{metric} is not a gated metric; {did_you_mean(metric, list(GATE_METRICS))}"
             )
+        check_tier_order(metric, tiers, where)
     pipeline.built_layers(where)  # every layer is checked now, not halfway through a run
     if pipeline.stacks != "auto":
         for i, stack in enumerate(pipeline.stacks):

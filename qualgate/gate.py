@@ -123,10 +123,8 @@ def judge(finding: Finding, warn: float | None, fail: float | None, inconclusive
         )
     if f.crosses(f.value, fail) or (f.crosses(worst, fail) and f.crosses(f.value, warn)):
         # Measured past fail, or measured past warn with the interval reaching fail: non-inferiority fails.
-        threshold = fail if f.crosses(worst, fail) else warn
-        return replace(
-            f, status="fail", gated="fail", reason=f"{metric} {side} bound {worst:.6g} crosses fail {threshold:g}"
-        )
+        past = f"{side} bound {worst:.6g}" if f.crosses(worst, fail) else f"value {f.value:.6g}"
+        return replace(f, status="fail", gated="fail", reason=f"{metric} {past} crosses fail {fail:g}")
     if f.crosses(f.value, warn):
         return replace(
             f, status="warn", gated="warn", reason=f"{metric} {side} bound {worst:.6g} crosses warn {warn:g}"
@@ -139,8 +137,11 @@ def judge(finding: Finding, warn: float | None, fail: float | None, inconclusive
     target = warn if warn is not None else fail
     assert target is not None
     needed = n_needed(f, target)
-    have = f"{f.n} {f.unit}".strip() if f.n is not None else "an unknown sample"
-    wanted = f"n_needed {needed}" if needed is not None else "no sample size clears it at this estimate"
+    if f.n is None:
+        wanted, have = "n_needed unknown", "no sample size recorded"
+    else:
+        wanted = f"n_needed {needed}" if needed is not None else "no sample size clears it at this estimate"
+        have = f"have {f.n} {f.unit}".strip()
     which = "warn" if crossed == warn else "fail"
     return replace(
         f,
@@ -148,7 +149,7 @@ def judge(finding: Finding, warn: float | None, fail: float | None, inconclusive
         gated=inconclusive,
         n_needed=needed,
         reason=f"{metric} {f.value:.6g} within thresholds, but its {side} bound {worst:.6g} crosses {which} "
-        f"{crossed:g} for lack of samples ({wanted}; have {have})",
+        f"{crossed:g} for lack of samples ({wanted}; {have})",
     )
 
 

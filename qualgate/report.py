@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -249,6 +250,14 @@ def _loose_bound_notes(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+# XML 1.0 forbids most control characters even escaped; a reason quoting a model's output may hold them.
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _xml_text(text: str) -> str:
+    return _XML_INVALID.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def junit(report: dict[str, Any]) -> str:
     """One test case per finding: fail -> <failure>, error (a non-finite gated value) -> <error>,
     inconclusive -> <skipped> (or <failure> when the policy counts it as fail), warn -> system-out."""
@@ -265,7 +274,7 @@ def junit(report: dict[str, Any]) -> str:
     kinds = [kind(f) for _, f in cases]
     suite = ET.Element(
         "testsuite",
-        name=f"qualgate.{report['pipeline']}",
+        name=_xml_text(f"qualgate.{report['pipeline']}"),
         tests=str(len(cases)),
         failures=str(kinds.count("failure")),
         errors=str(kinds.count("error")),
@@ -275,12 +284,12 @@ def junit(report: dict[str, Any]) -> str:
         case = ET.SubElement(
             suite,
             "testcase",
-            classname=f"qualgate.{report['pipeline']}.{stack['name']}",
-            name=f"{finding['instrument']}.{finding['metric']}",
+            classname=_xml_text(f"qualgate.{report['pipeline']}.{stack['name']}"),
+            name=_xml_text(f"{finding['instrument']}.{finding['metric']}"),
         )
-        message = f"{ICON[finding['status']]}: {finding['reason']}"
+        message = _xml_text(f"{ICON[finding['status']]}: {finding['reason']}")
         if what in ("failure", "error"):
-            ET.SubElement(case, what, message=message).text = json.dumps(finding)
+            ET.SubElement(case, what, message=message).text = json.dumps(finding)  # ASCII: \u escapes
         elif what == "skipped":
             ET.SubElement(case, "skipped", message=message)
         elif what == "warn":
@@ -298,8 +307,12 @@ def write(report: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "junit.xml").write_text(junit(report) + "\n", encoding="utf-8")
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if step_summary:
+        # GitHub's limit is in bytes, for the whole file: what earlier steps wrote counts too.
+        path = Path(step_summary)
+        room = max(0, GITHUB_SUMMARY_LIMIT - (path.stat().st_size if path.is_file() else 0))
+        data = summary.encode("utf-8")[:room].decode("utf-8", errors="ignore")  # never half a character
         with open(step_summary, "a", encoding="utf-8") as fh:
-            fh.write(summary[:GITHUB_SUMMARY_LIMIT])
+            fh.write(data)
 
 
 def read(run_dir: Path) -> dict[str, Any]:
@@ -312,7 +325,9 @@ def read(run_dir: Path) -> dict[str, Any]:
 def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    # Names and reasons are user text (a stack `awq[int4]`, a reason quoting `[/INST]`): never markup.
     table = Table(
         "stack",
         "role",
@@ -322,11 +337,11 @@ def print_report(report: dict[str, Any]) -> None:
         "PPL ratio [95%]",
         "real div.",
         "worst recovery [95%]",
-        title=f"qualgate {report['pipeline']}: {verdict_label(report)}",
+        title=Text(f"qualgate {report['pipeline']}: {verdict_label(report)}"),
     )
     for stack in report["stacks"]:
         cells = {f["metric"]: _metric_cell(f) for f in stack["findings"]}
-        table.add_row(
+        row = (
             stack["name"],
             stack["role"],
             verdict_label(stack),
@@ -336,10 +351,13 @@ def print_report(report: dict[str, Any]) -> None:
             cells.get("real_divergences", "-"),
             _worst_recovery(stack),
         )
+        table.add_row(*(Text(cell) for cell in row))
     console = Console(width=200)
     console.print(table)
-    # Each finding under its own status: an inconclusive recovery must not read as the stack's FAIL.
+    # Each finding under its own status, one line each (never wrapped: CI logs are grepped line by line):
+    # an inconclusive recovery must not read as the stack's FAIL.
     for stack in report["stacks"]:
         for f in stack["findings"]:
             if f["status"] != "pass":
-                console.print(f"{ICON[f['status']]} {stack['name']}: {f['instrument']}.{f['reason']}", highlight=False)
+                line = f"{ICON[f['status']]} {stack['name']}: {f['instrument']}.{f['reason']}"
+                console.print(line, markup=False, highlight=False, soft_wrap=True)

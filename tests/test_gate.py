@@ -234,7 +234,7 @@ def test_inconclusive_without_a_sample_size_or_unit() -> None:
         "inconclusive",
         "warn",
         "kl_mean 0.008 within thresholds, but its upper bound 0.012 crosses warn 0.01 for lack of samples "
-        "(no sample size clears it at this estimate; have an unknown sample)",
+        "(n_needed unknown; no sample size recorded)",
     )
     check(
         kl(0.008, 0.004, 0.012, n=16),
@@ -577,3 +577,24 @@ def test_verdict_from_judged_findings() -> None:
     ]
     assert verdict(findings) == {"verdict": "fail", "measured": "warn", "inconclusive": ["benchmarks.gsm8k.recovery"]}
     assert math.isclose(findings[1].pessimistic, 0.93)
+
+
+def test_a_value_past_fail_outside_its_own_interval_names_fail_and_the_value() -> None:
+    # value 0.025 past fail 0.02, upper bound 0.015 is not: the value itself crossed (no warn set)
+    check(kl(0.025, 0.01, 0.015), None, 0.02, "fail", "fail", "kl_mean value 0.025 crosses fail 0.02")
+    check(kl(0.025, 0.01, 0.015), 0.01, 0.02, "fail", "fail", "kl_mean value 0.025 crosses fail 0.02")
+
+
+def test_tiers_in_the_wrong_order_are_refused_by_the_pipeline(tmp_path: Any) -> None:
+    from qualgate.config import load_pipeline
+    from qualgate.errors import ConfigError
+
+    for metric, warn, fail, word in (("kl_mean", 0.05, 0.01, "below"), ("same_top1", 0.90, 0.95, "above")):
+        path = tmp_path / f"{metric}.yaml"
+        path.write_text(f"version: 1\nname: x\ngate:\n  {metric}: {{warn: {warn}, fail: {fail}}}\n")
+        with pytest.raises(ConfigError, match=f"gate.{metric}: warn {warn:g} must be {word} fail {fail:g}"):
+            load_pipeline(path)
+    path = tmp_path / "policy.yaml"
+    path.write_text("version: 1\nname: x\ngate:\n  inconclusive: maybe\n")
+    with pytest.raises(ConfigError, match=r"gate\.inconclusive must be pass, warn or fail"):
+        load_pipeline(path)

@@ -6,6 +6,7 @@ fixture beyond pytest's own (fast; mutation-tested)."""
 from __future__ import annotations
 
 import json
+import locale
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -358,8 +359,7 @@ def test_markdown_inconclusive_policy_defaults_to_warn_and_unknown_sizes_show_a_
     assert lines[-2] == "| `spec` | judge.net_loss | 0.05 [-0.01, 0.12] | 0.1 / 0.2 | -  | - |"
     assert lines[4] == (
         "| `spec` | WARN (inconclusive) | - | - | - | - | - | judge.net_loss 0.05 within thresholds, but its upper "
-        "bound 0.12 crosses warn 0.1 for lack of samples (no sample size clears it at this estimate; have an "
-        "unknown sample) |"
+        "bound 0.12 crosses warn 0.1 for lack of samples (n_needed unknown; no sample size recorded) |"
     )
 
 
@@ -481,18 +481,36 @@ def test_write_appends_to_the_github_step_summary(tmp_path: Path, monkeypatch: p
     assert step.read_text(encoding="utf-8") == "earlier step\n" + summary + summary
 
 
-def test_write_cuts_the_step_summary_at_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_write_cuts_the_step_summary_at_the_limit_in_bytes_for_the_whole_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     step = tmp_path / "step_summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
     monkeypatch.setattr(report, "GITHUB_SUMMARY_LIMIT", 100)
     report.write(kv8_report("warn"), tmp_path / "out")
     summary = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     assert len(summary) > 100  # summary.md itself is whole
-    appended = step.read_text(encoding="utf-8")
-    assert len(appended) == 100
-    assert appended == summary[:100]
+    appended = step.read_bytes()
+    # GitHub counts bytes: the title's em dash is 3 of them, so 100 bytes are 98 characters here
+    assert len(appended) == 100 and appended == summary.encode("utf-8")[:100]
+    assert len(appended.decode("utf-8")) == 98
+    report.write(kv8_report("warn"), tmp_path / "out")  # the file is full: a second step adds nothing
+    assert step.read_bytes() == appended
+
+
+def test_write_counts_what_earlier_steps_wrote_and_never_cuts_a_character(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = tmp_path / "step_summary.md"
+    step.write_bytes(b"x" * 14)  # 14 bytes already there: 6 left of 20
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
+    monkeypatch.setattr(report, "GITHUB_SUMMARY_LIMIT", 20)
     report.write(kv8_report("warn"), tmp_path / "out")
-    assert step.read_text(encoding="utf-8") == summary[:100] * 2
+    assert step.read_bytes() == b"x" * 14 + b"## qua"
+    step.write_bytes(b"x" * 10)
+    monkeypatch.setattr(report, "GITHUB_SUMMARY_LIMIT", 33)  # 23 left: the em dash would be bytes 22-24
+    report.write(kv8_report("warn"), tmp_path / "out")
+    assert step.read_bytes() == b"x" * 10 + b"## qualgate: nightly "
 
 
 def test_write_leaves_a_short_summary_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -509,6 +527,29 @@ def test_write_without_a_step_summary_writes_none(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", "")
     report.write(q4_report(), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_write_does_not_depend_on_the_locale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # summary.md (its title's dash), junit.xml (a stack name) and the step summary are not ASCII: under
+    # LC_CTYPE=C they are still written as UTF-8
+    step = tmp_path / "step_summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
+    doc = make_report([stack("q4-ü", [KL_FAIL], "fail", "fail", [])], "fail", "fail", 0)
+    previous = locale.setlocale(locale.LC_CTYPE)
+    try:
+        locale.setlocale(locale.LC_CTYPE, "C")
+    except locale.Error:
+        pytest.skip("no C locale")
+    try:
+        report.write(doc, tmp_path / "out")
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+    summary = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
+    assert summary.startswith("## qualgate: nightly — FAIL\n")
+    assert step.read_text(encoding="utf-8") == summary
+    suite = parse_junit((tmp_path / "out" / "junit.xml").read_text(encoding="utf-8"))
+    assert suite[0].get("classname") == "qualgate.nightly.q4-ü"
+    assert report.read(tmp_path / "out")["stacks"][0]["name"] == "q4-ü"
 
 
 def test_the_github_summary_limit_is_one_mebibyte() -> None:
@@ -539,7 +580,7 @@ def table_rows(lines: list[str]) -> list[list[str]]:
 
 def print_report_stacks() -> list[dict[str, Any]]:
     return [
-        stack("baseline", [TOP1_PASS], "pass", "pass", [], role="baseline", step=0),
+        stack("baseline", [], "pass", "pass", [], role="baseline", step=0),
         stack("q4", [KL_FAIL, TOP1_PASS, rec_inc(), PPL_WARN, DECODE_ERROR], "fail", "fail", ["x.y"]),
         stack("kv8", kv8_findings("warn"), "warn", "pass", ["fidelity.kl_mean"], role="ladder", step=2),
     ]
@@ -572,7 +613,7 @@ def test_print_report_names_each_finding_under_its_own_status(capsys: pytest.Cap
             "real div.",
             "worst recovery [95%]",
         ],
-        ["baseline", "baseline", "PASS", "-", "0.95 [0.94, 0.96]", "-", "-", "-"],
+        ["baseline", "baseline", "PASS", "-", "-", "-", "-", "-"],
         [
             "q4",
             "candidate",
@@ -613,3 +654,26 @@ def test_print_report_of_a_passing_report_prints_only_the_table(capsys: pytest.C
     assert lines[0].strip() == "qualgate nightly: PASS"
     assert table_rows(lines)[1:] == [["baseline", "baseline", "PASS", "-", "0.95 [0.94, 0.96]", "-", "-", "-"]]
     assert lines[-1].startswith("└")  # the table is the last thing printed
+
+
+def test_junit_control_characters_are_shown_not_written() -> None:
+    # XML 1.0 cannot carry \x1b even escaped: a reason quoting terminal output must still parse
+    finding = judged(Finding("fidelity", "kl_mean", 0.03, 0.02, 0.04, cause="x"), 0.01, 0.02)
+    finding["reason"] = "kl_mean \x1b[31mred\x1b[0m"
+    doc = make_report([stack("st\x07ack", [finding], "fail", "fail", [])], "fail", "fail", 0)
+    suite = parse_junit(report.junit(doc))
+    case = suite.find("testcase")
+    assert case is not None and case.get("classname") == "qualgate.nightly.st\\x07ack"
+    failure = case.find("failure")
+    assert failure is not None and failure.get("message") == "FAIL: kl_mean \\x1b[31mred\\x1b[0m"
+
+
+def test_print_report_never_reads_names_or_reasons_as_markup(capsys: pytest.CaptureFixture[str]) -> None:
+    finding = judged(Finding("fidelity", "kl_mean", 0.03, 0.02, 0.04), 0.01, 0.02)
+    finding["reason"] = "kl_mean quoting [/INST] and [bold]x[/bold] " + "y" * 200
+    doc = make_report([stack("awq[int4]", [finding], "fail", "fail", [])], "fail", "fail", 0)
+    report.print_report(doc)
+    out = capsys.readouterr().out
+    assert "awq[int4]" in out
+    # one line, unwrapped, markup kept as text
+    assert f"FAIL awq[int4]: fidelity.kl_mean quoting [/INST] and [bold]x[/bold] {'y' * 200}\n" in out
