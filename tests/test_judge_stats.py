@@ -189,6 +189,13 @@ def test_identical_grades_are_not_significant() -> None:
     assert summary["mean_delta"]["value"] == 0.0 and summary["mean_baseline"] == 3.5
 
 
+def test_identical_grades_on_many_prompts_are_not_significant_without_asking_scipy() -> None:
+    # 40 zero deltas: scipy's Wilcoxon drops every one and has no p-value left to give (NaN from its normal
+    # approximation); nothing differs, so the p-value is 1 without running the test
+    summary = grade_summary([7] * 40, [7] * 40, resamples=50, seed=0)
+    assert summary["wilcoxon_p"] == 1.0 and summary["n"] == 40
+
+
 def test_equal_nonzero_deltas_are_tested() -> None:
     # five deltas of +1: all ranks positive, P(T- = 0) = 1 / 32, two-sided 2 / 32
     summary = grade_summary([4] * 5, [5] * 5, resamples=50, seed=0)

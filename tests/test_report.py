@@ -677,3 +677,574 @@ def test_print_report_never_reads_names_or_reasons_as_markup(capsys: pytest.Capt
     assert "awq[int4]" in out
     # one line, unwrapped, markup kept as text
     assert f"FAIL awq[int4]: fidelity.kl_mean quoting [/INST] and [bold]x[/bold] {'y' * 200}\n" in out
+
+
+# -- instrument sections of summary.md -----------------------------------------------------------------
+# Each stack's `instruments` dict below is built by hand in the shape Runner.run stores it (pipeline.py):
+# fidelity is _fidelity_view of the fidelity summary, benchmarks the Runner.benchmarks dict (its tasks
+# TaskComparison.summary, or only accuracy_baseline for the unoptimized model), judge run_judge's summary,
+# equivalence EquivalenceResult.summary and decode_path decode_path.summary. Only the keys the report reads
+# (and a few neighbours) are filled in. Values carry more digits than the cells show, so the digit count of
+# every cell is pinned: 4 significant digits by default, 2 for drift, tolerance, noise and decode KL, 3 for
+# the median first divergence.
+def estimate(value: float, low: float, high: float, se: float = 0.01) -> dict[str, float]:
+    return {"value": value, "se": se, "low": low, "high": high}
+
+
+def with_instruments(s: dict[str, Any], **instruments: Any) -> dict[str, Any]:
+    s["instruments"] = instruments
+    return s
+
+
+def passing(name: str, role: str = "candidate") -> dict[str, Any]:
+    return stack(name, [], "pass", "pass", [], role=role, step=0 if role == "baseline" else 1)
+
+
+def task_summary(
+    task: str,
+    metric: str,
+    n: int,
+    baseline: float,
+    candidate: float,
+    recovery: dict[str, float],
+    b: int,
+    c: int,
+    mcnemar_p: float,
+    holm_p: float | None,
+) -> dict[str, Any]:
+    return {
+        "task": task,
+        "metric": metric,
+        "n": n,
+        "accuracy_baseline": estimate(baseline, baseline - 0.05, baseline + 0.05),
+        "accuracy_candidate": estimate(candidate, candidate - 0.05, candidate + 0.05),
+        "difference": estimate(candidate - baseline, -0.05, 0.05),
+        "recovery": recovery,
+        "flips_b": b,
+        "flips_c": c,
+        "flip_rate": (b + c) / n,
+        "mcnemar_p": mcnemar_p,
+        "holm_p": holm_p,
+    }
+
+
+# the unoptimized model's own benchmark entry: accuracy only, no recovery (never a row)
+BASELINE_BENCH = {
+    "samples": "samples/benchmarks.base.json",
+    "tasks": [{"task": "gsm8k", "metric": "exact_match", "n": 250, "accuracy_baseline": estimate(0.564, 0.5, 0.6)}],
+    "flips": {},
+}
+Q4_BENCH = {
+    "samples": "samples/benchmarks.q4.json",
+    "tasks": [
+        # 0.548 / 0.564 = 0.971631... -> 0.9716; 0.93512345 -> 0.9351; 1.0082345 -> 1.008
+        task_summary(
+            "gsm8k",
+            "exact_match",
+            250,
+            0.564,
+            0.548,
+            estimate(0.9716312, 0.93512345, 1.0082345),
+            9,
+            5,
+            0.42395996,
+            0.84791992,
+        ),
+        # nothing flipped: p = 1 (shown as 1), no Holm p yet (-)
+        task_summary("arc", "acc_norm", 1172, 0.5, 0.5, estimate(1.0, 0.97, 1.03), 0, 0, 1.0, None),
+    ],
+    "flips": {"gsm8k": {}, "arc": {}},
+}
+BENCH_HEADER = [
+    "",
+    "### Benchmarks (paired with the baseline, per document)",
+    "",
+    "| stack | task | accuracy baseline -> candidate | recovery [95%] | flips b / c | McNemar p (Holm) |",
+    "| --- | --- | --- | --- | --- | --- |",
+]
+Q4_BENCH_ROWS = [
+    "| `q4` | gsm8k (exact_match, n=250) | 0.564 -> 0.548 | 0.9716 [0.9351, 1.008] | 9 / 5 | 0.424 (0.8479) |",
+    "| `q4` | arc (acc_norm, n=1172) | 0.5 -> 0.5 | 1 [0.97, 1.03] | 0 / 0 | 1 (-) |",
+]
+
+
+def test_benchmark_lines_one_row_per_compared_task() -> None:
+    stacks = [
+        with_instruments(passing("baseline", "baseline"), benchmarks=BASELINE_BENCH),
+        with_instruments(passing("q4"), benchmarks=Q4_BENCH),
+        with_instruments(passing("kv8"), fidelity={"top_k": 20}),  # no benchmarks at all
+        with_instruments(passing("spec"), benchmarks={"samples": "x", "flips": {}}),  # no tasks list
+        passing("empty"),
+    ]
+    del stacks[-1]["instruments"]  # a stack without an instruments entry
+    assert report._benchmark_lines(make_report(stacks, "pass", "pass", 0)) == BENCH_HEADER + Q4_BENCH_ROWS
+
+
+def test_benchmark_lines_of_several_stacks_keep_their_order() -> None:
+    q8_bench = {
+        "tasks": [
+            # 0.99999 -> 1; 0.123456789 -> 0.1235; 1e-05 -> 1e-05
+            task_summary(
+                "mmlu",
+                "acc",
+                14042,
+                0.6543219,
+                0.6543211,
+                estimate(0.99999, 0.98765432, 1.0123456),
+                120,
+                121,
+                1e-05,
+                0.123456789,
+            ),
+        ]
+    }
+    stacks = [
+        with_instruments(passing("q4"), benchmarks=Q4_BENCH),
+        with_instruments(passing("q8"), benchmarks=q8_bench),
+    ]
+    assert report._benchmark_lines(make_report(stacks, "pass", "pass", 0)) == [
+        *BENCH_HEADER,
+        *Q4_BENCH_ROWS,
+        "| `q8` | mmlu (acc, n=14042) | 0.6543 -> 0.6543 | 1 [0.9877, 1.012] | 120 / 121 | 1e-05 (0.1235) |",
+    ]
+
+
+def test_benchmark_lines_without_any_compared_task_are_no_section() -> None:
+    stacks = [with_instruments(passing("baseline", "baseline"), benchmarks=BASELINE_BENCH), passing("q4")]
+    assert report._benchmark_lines(make_report(stacks, "pass", "pass", 0)) == []
+    assert report._benchmark_lines(make_report([], "pass", "pass", 0)) == []
+
+
+def pairwise(
+    win: int, tie: int, loss: int, net: dict[str, float], consistency: float, length_delta: float
+) -> dict[str, Any]:
+    return {
+        "n": win + tie + loss,
+        "win": win,
+        "tie": tie,
+        "loss": loss,
+        "unparsed": 0,
+        "net_loss": net,
+        "position_consistency": consistency,
+        "length_delta": length_delta,
+    }
+
+
+def grades(mean_delta: dict[str, float], wilcoxon_p: float) -> dict[str, Any]:
+    return {
+        "n": 40,
+        "unparsed": 0,
+        "mean_baseline": 7.1,
+        "mean_candidate": 7.0,
+        "mean_delta": mean_delta,
+        "wilcoxon_p": wilcoxon_p,
+    }
+
+
+CONTROL_REASON = "baseline against itself: net loss 0.1 [0.02, 0.18] excludes 0"
+CONSISTENCY_REASON = "position consistency 0.55 < 0.7: the verdicts follow the order"
+# a judge that measured the answers: both protocols, an even control
+SPEC_JUDGE = {
+    "judge": {"model": "judge-7b"},
+    "n_prompts": 40,
+    # net loss (7 - 6) / 40 = 0.025; length delta -3.125 characters
+    "pairwise": pairwise(6, 27, 7, estimate(0.025, -0.1, 0.15), 0.875, -3.125),
+    "single": grades(estimate(-0.1, -0.3, 0.1), 0.31731051),
+    "control": {**pairwise(5, 30, 5, estimate(0.0, -0.1, 0.1), 0.9, 0.0), "valid": True, "reason": "even"},
+    "unparseable": 0,
+    "validity": {"valid": True, "reasons": []},
+}
+# a judge that follows the order, its control uneven: the finding is void
+BAD_JUDGE = {
+    "judge": {"model": "judge-1b"},
+    "n_prompts": 40,
+    "pairwise": pairwise(2, 30, 8, estimate(0.15, 0.05, 0.25), 0.55123, 12.0),
+    "control": {
+        **pairwise(1, 33, 5, estimate(0.1, 0.02, 0.18), 0.6, 0.0),
+        "valid": False,
+        "reason": CONTROL_REASON,
+    },
+    "unparseable": 3,
+    "validity": {"valid": False, "reasons": [CONTROL_REASON, CONSISTENCY_REASON]},
+}
+# single grades only, from a report written before validity was recorded
+BARE_JUDGE = {"judge": {"model": "judge-7b"}, "n_prompts": 10, "single": grades(estimate(0.5, 0.1, 0.9), 1.0)}
+JUDGE_HEADER = [
+    "",
+    "### Judge (pairwise in both orders; an order-dependent verdict is a tie)",
+    "",
+    "| stack | win / tie / loss | net loss [95%] | position consistency | length delta | single-grade delta "
+    "(Wilcoxon p) | control / validity |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
+]
+JUDGE_ROWS = [
+    "| `spec` | 6 / 27 / 7 | 0.025 [-0.1, 0.15] | 0.875 | -3.125 | -0.1 (0.3173) | even |",
+    "| `bad` | 2 / 30 / 8 | 0.15 [0.05, 0.25] | 0.5512 | 12 | - | UNEVEN — finding INVALID: "
+    f"{CONTROL_REASON}; {CONSISTENCY_REASON} |",
+    "| `bare` | - / - / - | - [-, -] | - | - | 0.5 (1) | - |",
+]
+
+
+def test_judge_lines_show_the_control_and_an_invalid_finding() -> None:
+    stacks = [
+        with_instruments(passing("baseline", "baseline")),
+        with_instruments(passing("spec"), judge=SPEC_JUDGE),
+        with_instruments(passing("bad"), judge=BAD_JUDGE),
+        with_instruments(passing("q4"), fidelity={"top_k": 20}),
+        with_instruments(passing("bare"), judge=BARE_JUDGE),
+        passing("empty"),
+    ]
+    del stacks[-1]["instruments"]
+    assert report._judge_lines(make_report(stacks, "pass", "pass", 0)) == JUDGE_HEADER + JUDGE_ROWS
+
+
+def test_judge_lines_an_invalid_finding_without_a_control_and_with_one_reason() -> None:
+    judge = {
+        "pairwise": pairwise(0, 0, 0, estimate(NAN, NAN, NAN), NAN, NAN),
+        "validity": {"valid": False, "reasons": ["position consistency nan < 0.7: the verdicts follow the order"]},
+    }
+    stacks = [with_instruments(passing("spec"), judge=judge)]
+    assert report._judge_lines(make_report(stacks, "pass", "pass", 0)) == [
+        *JUDGE_HEADER,
+        "| `spec` | 0 / 0 / 0 | nan [nan, nan] | nan | nan | - | - — finding INVALID: position consistency nan < "
+        "0.7: the verdicts follow the order |",
+    ]
+
+
+def test_judge_lines_without_a_judge_are_no_section() -> None:
+    stacks = [with_instruments(passing("q4"), fidelity={"top_k": 20}), passing("kv8")]
+    assert report._judge_lines(make_report(stacks, "pass", "pass", 0)) == []
+
+
+NOISE_FLOOR = {
+    "positions": 4096,
+    "shapes": ["block 16", "block 64"],
+    "logprob_delta": {"p50": 0.0004, "p99": 0.0021, "p99.9": 0.0030864, "max": 0.0042},
+    "kl": None,
+    "max_by_shape": {},
+}
+# a calibrated prefix-cache check: 29 of 30 runs exact, one near-tie; 12 of 30 lookups crossed a block
+PREFIX_EQ = {
+    "reference": "base",
+    "candidate": "prefix",
+    "samples": 30,
+    "exact_match_rate": 29 / 30,
+    "real_divergences": 0,
+    "near_ties": 1,
+    "prefix_logprob_drift": {"p50": 0.00012345, "p99": 0.0021234, "max": 0.0029876},
+    "logprob_tolerance": 0.0123456,
+    "tolerance": {
+        "value": 0.0123456,
+        "source": "calibrated",
+        "factor": 4.0,
+        "floor": 0.01,
+        "noise_margin": 0.0084,
+        "noise_floor": NOISE_FLOOR,
+    },
+    "coverage": {"block_size": 16, "lookups": 30, "crossed_differing_block": 12},
+    "problems": [],
+    "passed": True,
+}
+# the pipeline's own tolerance, no noise measured, no drift (no logprobs), no prefix cache
+SPEC_EQ = {
+    "reference": "base",
+    "candidate": "spec",
+    "samples": 8,
+    "exact_match_rate": 1.0,
+    "real_divergences": 0,
+    "near_ties": 0,
+    "prefix_logprob_drift": None,
+    "logprob_tolerance": 0.05,
+    "tolerance": {
+        "value": 0.05,
+        "source": "pipeline",
+        "factor": 4.0,
+        "floor": 0.01,
+        "noise_margin": 0.1,
+        "noise_floor": None,
+    },
+    "coverage": {},
+}
+# a report written before tolerance, drift and coverage were recorded
+OLD_EQ = {"reference": "ref", "exact_match_rate": 0.5, "real_divergences": 3, "near_ties": 2, "logprob_tolerance": 0.1}
+EQ_HEADER = [
+    "",
+    "### Lossless layers (greedy equivalence)",
+    "",
+    "| stack | reference | exact | real div. | near-ties | noise floor p99.9 | tolerance (source) | "
+    "drift p50 / p99 / max | prefix coverage |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+]
+EQ_ROWS = [
+    # 29/30 = 96.67%; p99.9 0.0030864 -> 0.0031; 0.0123456 -> 0.012; drift 0.00012, 0.0021, 0.003
+    "| `prefix` | `base` | 96.7% | 0 | 1 | 0.0031 | 0.012 (calibrated) | 0.00012 / 0.0021 / 0.003 | 12/30 |",
+    "| `spec` | `base` | 100.0% | 0 | 0 | - | 0.05 (pipeline) | - | - |",
+    "| `old` | `ref` | 50.0% | 3 | 2 | - | 0.1 (pipeline) | - | - |",
+]
+
+
+def test_equivalence_lines_tolerance_drift_and_coverage() -> None:
+    stacks = [
+        with_instruments(passing("baseline", "baseline")),
+        with_instruments(passing("prefix"), equivalence=PREFIX_EQ),
+        with_instruments(passing("q4"), fidelity={"top_k": 20}),
+        with_instruments(passing("spec"), equivalence=SPEC_EQ),
+        with_instruments(passing("old"), equivalence=OLD_EQ),
+    ]
+    assert report._equivalence_lines(make_report(stacks, "pass", "pass", 0)) == EQ_HEADER + EQ_ROWS
+
+
+def test_equivalence_lines_a_noise_floor_without_logprob_deltas_and_a_tolerance_of_none() -> None:
+    partial = {**OLD_EQ, "tolerance": {"source": "calibrated", "noise_floor": {"positions": 0}}}
+    unset = {**OLD_EQ, "tolerance": None, "prefix_logprob_drift": {}, "coverage": None}
+    stacks = [with_instruments(passing("a"), equivalence=partial), with_instruments(passing("b"), equivalence=unset)]
+    assert report._equivalence_lines(make_report(stacks, "pass", "pass", 0)) == [
+        *EQ_HEADER,
+        "| `a` | `ref` | 50.0% | 3 | 2 | - | 0.1 (calibrated) | - | - |",
+        "| `b` | `ref` | 50.0% | 3 | 2 | - | 0.1 (pipeline) | - | - |",
+    ]
+
+
+def test_equivalence_lines_without_an_equivalence_check_are_no_section() -> None:
+    stacks = [with_instruments(passing("q4"), fidelity={"top_k": 20}), with_instruments(passing("kv8"))]
+    assert report._equivalence_lines(make_report(stacks, "pass", "pass", 0)) == []
+
+
+def decode_summary(
+    kl: dict[str, float], same: float, exact: float, median: float | None, shape: dict[str, Any] | None
+) -> dict[str, Any]:
+    return {
+        "prompts": 8,
+        "steps": 512,
+        "decode_kl_mean": kl,
+        "decode_kl_max": 0.9,
+        "decode_kl_by_step": [0.01, 0.02],
+        "decode_same_top1": estimate(same, same - 0.01, min(same + 0.01, 1.0)),
+        "exact_match_rate": exact,
+        "first_divergence": {"diverged": 3, "min": 4, "median": median},
+        "scoring": "serve: prefill prompt + decode 1",
+        "shape": shape,
+    }
+
+
+# a KV layer with its shape dependence measured; median of an odd count of first divergences
+KV8_DECODE = decode_summary(
+    estimate(0.0123456, 0.0098765, 0.0154321),
+    0.97123,
+    0.625,
+    1027.0,
+    {**NOISE_FLOOR, "shape_kl": estimate(0.00123456, 0.00098765, 0.0015432)},
+)
+# a weight quantization (no KV layer: no shape), median of an even count
+Q4_DECODE = decode_summary(estimate(0.25, 0.125, 0.375), 0.8, 0.0, 12.5, None)
+# nothing diverged: no median
+Q8_DECODE = decode_summary(estimate(0.0, 0.0, 0.0), 1.0, 1.0, None, None)
+DECODE_HEADER = [
+    "",
+    "### Decode path (greedy continuations, one token at a time through the cache)",
+    "",
+    "| stack | per-step KL [95%] | same top-1 | exact continuations | first divergence (median) | shape KL [95%] |",
+    "| --- | --- | --- | --- | --- | --- |",
+]
+DECODE_ROWS = [
+    # 2 digits: 0.0123456 -> 0.012, 0.0098765 -> 0.0099, 0.0154321 -> 0.015; median 1027 at 3 digits -> 1.03e+03
+    "| `kv8` | 0.012 [0.0099, 0.015] | 97.1% | 62.5% | 1.03e+03 | 0.0012 [0.00099, 0.0015] |",
+    "| `q4` | 0.25 [0.12, 0.38] | 80.0% | 0.0% | 12.5 | - |",
+    "| `q8` | 0 [0, 0] | 100.0% | 100.0% | - | - |",
+]
+
+
+def test_decode_path_lines_with_and_without_a_shape() -> None:
+    stacks = [
+        with_instruments(passing("baseline", "baseline")),
+        with_instruments(passing("kv8"), decode_path=KV8_DECODE),
+        with_instruments(passing("prefix"), equivalence=PREFIX_EQ),
+        with_instruments(passing("q4"), decode_path=Q4_DECODE),
+        with_instruments(passing("q8"), decode_path=Q8_DECODE),
+    ]
+    assert report._decode_path_lines(make_report(stacks, "pass", "pass", 0)) == DECODE_HEADER + DECODE_ROWS
+
+
+def test_decode_path_lines_without_a_decode_path_are_no_section() -> None:
+    stacks = [with_instruments(passing("prefix"), equivalence=PREFIX_EQ), with_instruments(passing("q4"))]
+    assert report._decode_path_lines(make_report(stacks, "pass", "pass", 0)) == []
+
+
+def fidelity(top_k: int, tail: float, kind: str | None, why: str | None = None) -> dict[str, Any]:
+    """_fidelity_view's keys the note reads; kind None: a report from before kl_estimator was recorded."""
+    view: dict[str, Any] = {"n_tokens": 4096, "top_k": top_k, "reference_tail_mass": tail, "merged_mass": 0.0}
+    if kind is not None:
+        view["kl_estimator"] = {"kind": kind, "tail_samples": 0 if kind == "bound" else 8, "sampling_se": 0.0}
+        if why is not None:
+            view["kl_estimator"]["why"] = why
+    return view
+
+
+HTTP_WHY = "the candidate engine returned only its own top-k"
+TAIL_NOTE = (
+    "of the reference's probability lies outside its top-20, so it may be understated by about that share: "
+    "gate it with care, or score the stack in process against a golden with a tail sample."
+)
+
+
+def test_loose_bound_notes_name_every_bounded_stack_and_a_large_tail() -> None:
+    stacks = [
+        with_instruments(passing("baseline", "baseline")),
+        # the first bounded stack gives k, the tail mass and why: 0.0612 -> 6%
+        with_instruments(passing("vllm"), fidelity=fidelity(20, 0.0612, "bound", HTTP_WHY)),
+        # a sampled tail is an estimate, whatever the tail mass
+        with_instruments(passing("kv8"), fidelity=fidelity(5, 0.5, "sampled-tail")),
+        with_instruments(passing("old"), fidelity=fidelity(10, 0.01, None)),
+        with_instruments(passing("prefix"), equivalence=PREFIX_EQ),
+        passing("empty"),
+    ]
+    del stacks[-1]["instruments"]
+    assert report._loose_bound_notes(make_report(stacks, "pass", "pass", 0)) == [
+        "",
+        f"> KL of `vllm`, `old` is a lower bound (top-20 plus one tail bucket: {HTTP_WHY}), not an estimate.",
+        f"> 6% {TAIL_NOTE}",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("tail", "notes"),
+    [
+        (0.01, []),
+        (0.05, []),  # at LOOSE_TAIL_MASS: not above it
+        (0.0501, ["> 5% " + TAIL_NOTE]),
+        (0.5, ["> 50% " + TAIL_NOTE]),
+    ],
+)
+def test_loose_bound_notes_the_tail_line_only_above_the_loose_tail_mass(tail: float, notes: list[str]) -> None:
+    assert report.LOOSE_TAIL_MASS == 0.05
+    # no kl_estimator (an older report): a bound from a golden without a tail sample
+    stacks = [with_instruments(passing("q4"), fidelity=fidelity(20, tail, None))]
+    assert report._loose_bound_notes(make_report(stacks, "pass", "pass", 0)) == [
+        "",
+        "> KL of `q4` is a lower bound (top-20 plus one tail bucket: the golden has no tail sample), not an estimate.",
+        *notes,
+    ]
+
+
+def test_loose_bound_notes_a_bound_without_a_why_and_an_estimator_without_a_kind() -> None:
+    no_kind = fidelity(20, 0.01, None)
+    no_kind["kl_estimator"] = {"tail_samples": 0}
+    stacks = [with_instruments(passing("q4"), fidelity=no_kind)]
+    assert report._loose_bound_notes(make_report(stacks, "pass", "pass", 0)) == [
+        "",
+        "> KL of `q4` is a lower bound (top-20 plus one tail bucket: the golden has no tail sample), not an estimate.",
+    ]
+
+
+def test_loose_bound_notes_without_a_bounded_kl_are_none() -> None:
+    stacks = [
+        with_instruments(passing("kv8"), fidelity=fidelity(5, 0.5, "sampled-tail")),
+        with_instruments(passing("q4"), fidelity={}),  # an empty fidelity view is no fidelity
+        with_instruments(passing("prefix"), equivalence=PREFIX_EQ),
+    ]
+    assert report._loose_bound_notes(make_report(stacks, "pass", "pass", 0)) == []
+    assert report._loose_bound_notes(make_report([], "pass", "pass", 0)) == []
+
+
+def recovery(task: str, value: float, low: float, high: float) -> dict[str, Any]:
+    return judged(Finding(f"benchmarks.{task}", "recovery", value, low, high, n=100, unit="documents"), 0.9, 0.8)
+
+
+def test_worst_recovery_is_the_lowest_pessimistic_bound_across_tasks() -> None:
+    findings = [
+        recovery("arc", 0.99, 0.98, 1.0),
+        # the worst: lowest lower bound, though neither the lowest value nor the widest interval
+        recovery("gsm8k", 0.97123456, 0.91234567, 1.0345678),
+        recovery("mmlu", 0.95, 0.93, 0.97),
+        TOP1_PASS,  # not a recovery, though its lower bound is lower
+        judged(Finding("benchmarks.hellaswag", "accuracy", 0.5, 0.4, 0.6), None, None),
+    ]
+    assert report._worst_recovery(stack("q4", findings, "pass", "pass", [])) == "gsm8k 0.9712 [0.9123, 1.035]"
+    first = [findings[1], findings[0], findings[2]]
+    assert report._worst_recovery(stack("q4", first, "pass", "pass", [])) == "gsm8k 0.9712 [0.9123, 1.035]"
+    last = [findings[0], findings[2], findings[1]]
+    assert report._worst_recovery(stack("q4", last, "pass", "pass", [])) == "gsm8k 0.9712 [0.9123, 1.035]"
+
+
+def test_worst_recovery_without_a_recovery_finding_and_without_an_interval() -> None:
+    assert report._worst_recovery(stack("q4", [TOP1_PASS, KL_FAIL], "fail", "fail", [])) == "-"
+    assert report._worst_recovery(stack("q4", [], "pass", "pass", [])) == "-"
+    # no interval: the value is the pessimistic end
+    pointwise = [recovery("arc", 0.96, 0.95, 0.97), recovery("gsm8k", 0.955, NAN, NAN)]
+    pointwise[1].update(low=None, high=None, pessimistic=0.955)
+    assert report._worst_recovery(stack("q4", pointwise, "pass", "pass", [])) == "arc 0.96 [0.95, 0.97]"
+    pointwise[1]["pessimistic"] = 0.9
+    assert report._worst_recovery(stack("q4", pointwise, "pass", "pass", [])) == "gsm8k 0.955"
+
+
+def test_markdown_puts_every_section_in_its_place() -> None:
+    """The summary of a report with every instrument: the stack table, the ladder, then inconclusive,
+    lossless, decode path, benchmarks, judge and the loose-bound note, in that order."""
+    stacks = [
+        with_instruments(passing("baseline", "baseline"), benchmarks=BASELINE_BENCH),
+        with_instruments(
+            stack("kv8", kv8_findings("warn"), "warn", "pass", ["fidelity.kl_mean"]),
+            fidelity=fidelity(20, 0.0612, "bound", HTTP_WHY),
+            decode_path=KV8_DECODE,
+            benchmarks=Q4_BENCH,
+        ),
+        with_instruments(passing("prefix"), equivalence=PREFIX_EQ, judge=SPEC_JUDGE),
+    ]
+    doc = make_report(stacks, "warn", "pass", 1)
+    doc["compound"]["ladder"] = [
+        {
+            "stack": "kv8",
+            "step": 1,
+            "layers": ["kv8"],
+            "kl_mean": {"vs_baseline": 0.00812345, "vs_previous": 0.00812345, "interaction": None},
+            "ln_ppl_ratio": {"vs_baseline": 0.0122701, "vs_previous": 0.0122701, "interaction": None},
+            "top1_loss": {"vs_baseline": 0.05, "vs_previous": 0.05, "interaction": None},
+        }
+    ]
+    expected = [
+        "## qualgate: nightly — WARN (inconclusive)",
+        "",
+        TABLE_HEADER,
+        "| `baseline` | PASS | - | - | - | - | - | - |",
+        f"| `kv8` | WARN (inconclusive) | {KV8_CELLS} | fidelity.{KL_INC_REASON} |",
+        "| `prefix` | PASS | - | - | - | - | - | - |",
+        "",
+        "### Compound degradation (ladder)",
+        "",
+        "| step | stack | KL vs base | KL vs previous | KL interaction | ln PPL ratio vs base | top-1 loss vs base |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| 1 | `kv8` | 0.008123 | 0.008123 | - | 0.01227 | 0.05 |",
+        "",
+        "### Inconclusive: not enough samples to clear a threshold (counted as warn)",
+        "",
+        INCONCLUSIVE_HEADER,
+        "| `kv8` | fidelity.kl_mean | 0.008123 [0.004, 0.012] | 0.01 / 0.02 | 16 chunks | 69 |",
+        *EQ_HEADER,
+        EQ_ROWS[0],
+        *DECODE_HEADER,
+        DECODE_ROWS[0],
+        *BENCH_HEADER,
+        *(row.replace("`q4`", "`kv8`") for row in Q4_BENCH_ROWS),
+        *JUDGE_HEADER,
+        JUDGE_ROWS[0].replace("`spec`", "`prefix`"),
+        "",
+        f"> KL of `kv8` is a lower bound (top-20 plus one tail bucket: {HTTP_WHY}), not an estimate.",
+        f"> 6% {TAIL_NOTE}",
+        "",
+    ]
+    assert report.markdown(doc) == "\n".join(expected)
+
+
+@pytest.mark.usefixtures("plain")
+def test_print_report_table_is_never_wider_than_200_columns(capsys: pytest.CaptureFixture[str]) -> None:
+    # CI logs are read at a fixed width: a long stack name is cut short in its cell (the finding line below
+    # the table names it whole) instead of widening the table
+    name = "awq-int4-" + "x" * 300
+    doc = make_report([stack(name, [KL_FAIL], "fail", "fail", [])], "fail", "fail", 0)
+    report.print_report(doc)
+    lines = capsys.readouterr().out.splitlines()
+    table = [line for line in lines if line[:1] in "┏┃┡│└"]
+    assert len(table) == 5 and {len(line) for line in table} == {200}
+    cell = table_rows(table)[1][0]
+    assert cell.endswith("…") and name.startswith(cell[:-1]) and len(cell) < 100
+    assert lines[-1] == f"FAIL {name}: fidelity.{KL_FAIL_REASON}"
