@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qualgate.instruments.fidelity import kl_topk_tail
+from qualgate.instruments.fidelity import TAIL_SAMPLES, at_least_zero, kl_sampled_tail, kl_topk_tail
 from qualgate.instruments.shapes import (
     SHAPE_TOP_K,
     decode_schedule,
@@ -48,24 +48,48 @@ class BaselinePath:
     top_ids: np.ndarray  # [n_new, k]
     top_logprobs: np.ndarray  # [n_new, k]
     tail_mass: np.ndarray  # [n_new]
+    # Draws from the baseline's tail at each step (as a golden keeps them): KL is then estimated, not
+    # bounded. None on an engine that cannot see the whole vocabulary.
+    tail_ids: np.ndarray | None = None  # [n_new, s]
+    tail_logprobs: np.ndarray | None = None  # [n_new, s]
+
+    @property
+    def reference_ids(self) -> np.ndarray:
+        if self.tail_ids is None:
+            return self.top_ids
+        return np.concatenate([self.top_ids, self.tail_ids], axis=1)
 
     def as_record(self) -> dict[str, Any]:
-        return {
+        record = {
             "prompt_ids": self.prompt_ids,
             "token_ids": self.token_ids,
             "top_ids": self.top_ids.tolist(),
             "top_logprobs": self.top_logprobs.tolist(),
             "tail_mass": self.tail_mass.tolist(),
         }
+        if self.tail_ids is not None and self.tail_logprobs is not None:
+            # -inf (a step without a tail) is not JSON: None stands for it
+            record["tail_ids"] = self.tail_ids.tolist()
+            record["tail_logprobs"] = [
+                [None if not np.isfinite(x) else float(x) for x in row] for row in self.tail_logprobs
+            ]
+        return record
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> BaselinePath:
+        tail_ids = tail_logprobs = None
+        if "tail_ids" in record:
+            tail_ids = np.asarray(record["tail_ids"], dtype=np.int64)
+            rows = [[-np.inf if x is None else x for x in row] for row in record["tail_logprobs"]]
+            tail_logprobs = np.asarray(rows, dtype=np.float64).reshape(tail_ids.shape)
         return cls(
             list(record["prompt_ids"]),
             list(record["token_ids"]),
             np.asarray(record["top_ids"], dtype=np.int64),
             np.asarray(record["top_logprobs"], dtype=np.float64),
             np.asarray(record["tail_mass"], dtype=np.float64),
+            tail_ids,
+            tail_logprobs,
         )
 
 
@@ -78,8 +102,12 @@ def baseline_paths(baseline: Session, generations: Sequence[Generation]) -> list
         if not gen.token_ids:
             continue
         scored = baseline.score(
-            ids, top_k=SHAPE_TOP_K, schedule=decode_schedule(len(gen.prompt_ids), len(gen.token_ids))
+            ids,
+            top_k=SHAPE_TOP_K,
+            schedule=decode_schedule(len(gen.prompt_ids), len(gen.token_ids)),
+            tail_samples=TAIL_SAMPLES,
         )
+        tail = scored.tail_ids is not None and scored.tail_logprobs is not None
         paths.append(
             BaselinePath(
                 list(gen.prompt_ids),
@@ -87,6 +115,8 @@ def baseline_paths(baseline: Session, generations: Sequence[Generation]) -> list
                 scored.top_ids[rows],
                 scored.top_logprobs[rows],
                 scored.tail_mass[rows],
+                scored.tail_ids[rows] if tail and scored.tail_ids is not None else None,
+                scored.tail_logprobs[rows] if tail and scored.tail_logprobs is not None else None,
             )
         )
     return paths
@@ -118,6 +148,20 @@ def first_divergences(paths: Sequence[BaselinePath], generations: Sequence[Gener
     return out
 
 
+def step_kl(path: BaselinePath, gathered: np.ndarray) -> tuple[np.ndarray, bool]:
+    """KL(baseline || candidate) at each step and whether it is estimated: top-k exact plus the sampled
+    tail when the path has one and every id's logprob is known (unbiased; a step's value may be
+    negative), else the top-k + tail-bucket lower bound."""
+    k = path.top_ids.shape[1]
+    if path.tail_ids is None or path.tail_logprobs is None or np.isnan(gathered).any():
+        bound = kl_topk_tail(path.top_logprobs, path.tail_mass, gathered[:, :k])
+        return np.asarray(np.clip(bound, 0.0, None), dtype=np.float64), False
+    estimate, _ = kl_sampled_tail(
+        path.top_logprobs, gathered[:, :k], path.tail_mass, path.tail_logprobs, gathered[:, k:]
+    )
+    return estimate, True
+
+
 def run_decode_path(
     candidate: Session,
     paths: Sequence[BaselinePath],
@@ -130,16 +174,19 @@ def run_decode_path(
     kls: list[np.ndarray] = []
     same: list[np.ndarray] = []
     owner: list[np.ndarray] = []
+    estimated = True
     for index, path in enumerate(paths):
         ids = [*path.prompt_ids, *path.token_ids]
         rows = slice(len(path.prompt_ids) - 1, len(ids) - 1)
-        gather = np.zeros((len(ids) - 1, path.top_ids.shape[1]), dtype=np.int64)
-        gather[rows] = path.top_ids
+        wanted = path.reference_ids
+        gather = np.zeros((len(ids) - 1, wanted.shape[1]), dtype=np.int64)
+        gather[rows] = wanted
         scored = candidate.score(
             ids, top_k=1, schedule=decode_schedule(len(path.prompt_ids), len(path.token_ids)), gather=gather
         )
         assert scored.gathered is not None
-        kl = np.clip(kl_topk_tail(path.top_logprobs, path.tail_mass, scored.gathered[rows]), 0.0, None)
+        kl, sampled = step_kl(path, scored.gathered[rows])
+        estimated = estimated and sampled
         kls.append(kl)
         same.append(scored.top_ids[rows, 0] == path.top_ids[:, 0])
         owner.append(np.full(kl.size, index))
@@ -153,7 +200,8 @@ def run_decode_path(
     summary: dict[str, Any] = {
         "prompts": len(paths),
         "steps": int(kl_all.size),
-        "decode_kl_mean": clustered_mean(kl_all, clusters, level).as_dict(),
+        "decode_kl_mean": at_least_zero(clustered_mean(kl_all, clusters, level)),
+        "kl_estimator": "sampled-tail" if estimated else "bound",
         "decode_kl_max": float(kl_all.max()),
         "decode_kl_by_step": by_step,
         "decode_same_top1": proportion(same_all, level).as_dict(),

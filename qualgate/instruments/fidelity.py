@@ -271,7 +271,7 @@ def _kl_estimate(reference: TokenScores, candidate: TokenScores) -> tuple[np.nda
     return estimate, bound, {"kind": "sampled-tail", "tail_samples": s, "sampling_se": sampling_se}
 
 
-def _at_least_zero(est: Estimate) -> dict[str, float]:
+def at_least_zero(est: Estimate) -> dict[str, float]:
     """KL is never negative: an estimate (or the low end of its interval) below 0 is sampling noise
     around an unchanged distribution, reported as 0 (the interval keeps its coverage)."""
     return {**est.as_dict(), "value": max(est.value, 0.0), "low": max(est.low, 0.0)}
@@ -331,7 +331,7 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
         "ppl_candidate": float(np.exp(nll_q.mean())),
         "ln_ppl_ratio": ln_ratio.as_dict(),
         "ppl_ratio": ln_ratio.map(np.exp).as_dict(),
-        "kl_mean": {**_at_least_zero(kl_clustered), "se_plain": kl_plain.se},
+        "kl_mean": {**at_least_zero(kl_clustered), "se_plain": kl_plain.se},
         # How kl_mean was computed: "sampled-tail" (top-k exact + an unbiased estimate of the tail, its
         # sampling variance inside the interval) or "bound" (top-k + one tail bucket: a lower bound).
         "kl_estimator": estimator,
