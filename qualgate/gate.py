@@ -69,6 +69,12 @@ class Finding:
         return "upper" if self.bigger_is_worse else "lower"
 
     @property
+    def judged_as(self) -> str:
+        """What the gate compares, for reasons: the interval's bad end, or the value of a count."""
+        bound = self.high if self.bigger_is_worse else self.low
+        return "value" if bound is None else f"{self.side} bound"
+
+    @property
     def pessimistic(self) -> float:
         """The interval's end on the bad side; the value itself when the finding has no interval."""
         bound = self.high if self.bigger_is_worse else self.low
@@ -85,7 +91,7 @@ class Finding:
 
 def _non_finite(finding: Finding) -> str | None:
     """Which number of the finding is NaN or infinite (None when all are finite)."""
-    numbers = {"value": finding.value, f"{finding.side} bound": finding.pessimistic}
+    numbers = {"value": finding.value, finding.judged_as: finding.pessimistic}
     for name, x in numbers.items():
         if not math.isfinite(x):
             return f"{name} is {x}"
@@ -112,7 +118,7 @@ def n_needed(finding: Finding, threshold: float) -> int | None:
 def judge(finding: Finding, warn: float | None, fail: float | None, inconclusive: Policy = "warn") -> Finding:
     """The finding's status against its thresholds and the pipeline's inconclusive policy."""
     f = replace(finding, warn=warn, fail=fail, n_needed=None)
-    worst, metric, side = f.pessimistic, f.metric, f.side
+    worst, metric, side = f.pessimistic, f.metric, f.judged_as
     if warn is None and fail is None:
         return replace(f, status="pass", gated="pass", reason=f"{metric} is not gated")
     broken = _non_finite(f)
@@ -123,15 +129,13 @@ def judge(finding: Finding, warn: float | None, fail: float | None, inconclusive
         )
     if f.crosses(f.value, fail) or (f.crosses(worst, fail) and f.crosses(f.value, warn)):
         # Measured past fail, or measured past warn with the interval reaching fail: non-inferiority fails.
-        past = f"{side} bound {worst:.6g}" if f.crosses(worst, fail) else f"value {f.value:.6g}"
+        past = f"{side} {worst:.6g}" if f.crosses(worst, fail) else f"value {f.value:.6g}"
         return replace(f, status="fail", gated="fail", reason=f"{metric} {past} crosses fail {fail:g}")
     if f.crosses(f.value, warn):
-        return replace(
-            f, status="warn", gated="warn", reason=f"{metric} {side} bound {worst:.6g} crosses warn {warn:g}"
-        )
+        return replace(f, status="warn", gated="warn", reason=f"{metric} {side} {worst:.6g} crosses warn {warn:g}")
     crossed = warn if f.crosses(worst, warn) else fail if f.crosses(worst, fail) else None
     if crossed is None:
-        return replace(f, status="pass", gated="pass", reason=f"{metric} {side} bound {worst:.6g} within thresholds")
+        return replace(f, status="pass", gated="pass", reason=f"{metric} {side} {worst:.6g} within thresholds")
     # The point estimate is within every threshold: the interval crosses one for lack of samples. To pass,
     # it must clear the lowest tier it crosses (warn when set).
     target = warn if warn is not None else fail
@@ -148,7 +152,7 @@ def judge(finding: Finding, warn: float | None, fail: float | None, inconclusive
         status="inconclusive",
         gated=inconclusive,
         n_needed=needed,
-        reason=f"{metric} {f.value:.6g} within thresholds, but its {side} bound {worst:.6g} crosses {which} "
+        reason=f"{metric} {f.value:.6g} within thresholds, but its {side} {worst:.6g} crosses {which} "
         f"{crossed:g} for lack of samples ({wanted}; {have})",
     )
 

@@ -598,3 +598,9 @@ def test_tiers_in_the_wrong_order_are_refused_by_the_pipeline(tmp_path: Any) -> 
     path.write_text("version: 1\nname: x\ngate:\n  inconclusive: maybe\n")
     with pytest.raises(ConfigError, match=r"gate\.inconclusive must be pass, warn or fail"):
         load_pipeline(path)
+
+
+def test_a_count_without_interval_is_judged_on_its_value_and_says_so() -> None:
+    divergences = Finding("equivalence", "real_divergences", 3.0, None, None)
+    check(divergences, None, 0, "fail", "fail", "real_divergences value 3 crosses fail 0")
+    check(replace(divergences, value=0.0), None, 0, "pass", "pass", "real_divergences value 0 within thresholds")
