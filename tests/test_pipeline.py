@@ -46,10 +46,13 @@ def test_two_bit_weights_fail_and_say_why(tmp_path: Path, capsys: pytest.Capture
     assert junit.count("<testcase") == sum(len(s["findings"]) for s in report["stacks"]) and "<failure" in junit
     markdown = (tmp_path / "run" / "summary.md").read_text()
     assert "| `w2g128` | FAIL |" in markdown
-    # The flat fixture target keeps over 20% of its mass outside its top-64: the summary says KL is understated.
-    assert w2["instruments"]["fidelity"]["reference_tail_mass"] > 0.2
-    tail = round(100 * w2["instruments"]["fidelity"]["reference_tail_mass"])
-    assert f"KL is a lower bound over the reference's top-64 plus one tail bucket: {tail}% of" in markdown
+    # The flat fixture target keeps over 20% of its mass outside its top-64: the golden's tail draws make
+    # KL an estimate (the bound, a quarter lower here, is a diagnostic), so no "lower bound" note.
+    fidelity = w2["instruments"]["fidelity"]
+    assert fidelity["reference_tail_mass"] > 0.2
+    assert fidelity["kl_estimator"]["kind"] == "sampled-tail" and fidelity["kl_estimator"]["tail_samples"] == 16
+    assert fidelity["kl_bound"]["value"] < 0.9 * fidelity["kl_mean"]["value"]
+    assert "is a lower bound" not in markdown
 
 
 @pytest.mark.slow
