@@ -168,7 +168,11 @@ def _inconclusive_lines(report: dict[str, Any]) -> list[str]:
 
 def _equivalence_lines(report: dict[str, Any]) -> list[str]:
     """Lossless layers: tokens, the calibrated tolerance and the drift it judged, probe coverage."""
-    rows = [(s["name"], s["instruments"]["equivalence"]) for s in report["stacks"] if "equivalence" in s["instruments"]]
+    rows = [
+        (s["name"], s["instruments"]["equivalence"])
+        for s in report["stacks"]
+        if "equivalence" in s.get("instruments", {})
+    ]
     if not rows:
         return []
     lines = [
@@ -198,7 +202,11 @@ def _equivalence_lines(report: dict[str, Any]) -> list[str]:
 
 def _decode_path_lines(report: dict[str, Any]) -> list[str]:
     """Lossy stacks along greedy continuations, decoded as served; shape dependence of KV layers."""
-    rows = [(s["name"], s["instruments"]["decode_path"]) for s in report["stacks"] if "decode_path" in s["instruments"]]
+    rows = [
+        (s["name"], s["instruments"]["decode_path"])
+        for s in report["stacks"]
+        if "decode_path" in s.get("instruments", {})
+    ]
     if not rows:
         return []
     lines = [

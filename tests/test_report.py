@@ -1248,3 +1248,11 @@ def test_print_report_table_is_never_wider_than_200_columns(capsys: pytest.Captu
     cell = table_rows(table)[1][0]
     assert cell.endswith("…") and name.startswith(cell[:-1]) and len(cell) < 100
     assert lines[-1] == f"FAIL {name}: fidelity.{KL_FAIL_REASON}"
+
+
+def test_markdown_of_a_stack_without_instruments_skips_every_instrument_section() -> None:
+    # an older or hand-made report: a stack without the instruments key is a row, never a KeyError
+    bare = {k: v for k, v in stack("bare", [], "pass", "pass", []).items() if k != "instruments"}
+    text = report.markdown(make_report([bare], "pass", "pass", 0))
+    assert "| `bare` | PASS |" in text
+    assert "### Lossless layers" not in text and "### Decode path" not in text
