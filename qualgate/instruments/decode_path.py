@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qualgate.instruments.fidelity import TAIL_SAMPLES, at_least_zero, kl_sampled_tail, kl_topk_tail
+from qualgate.instruments.fidelity import TAIL_SAMPLES, at_least_zero, kl_per_position, reference_ids
 from qualgate.instruments.shapes import (
     SHAPE_TOP_K,
     decode_schedule,
@@ -55,9 +55,7 @@ class BaselinePath:
 
     @property
     def reference_ids(self) -> np.ndarray:
-        if self.tail_ids is None:
-            return self.top_ids
-        return np.concatenate([self.top_ids, self.tail_ids], axis=1)
+        return reference_ids(self.top_ids, self.tail_ids)
 
     def as_record(self) -> dict[str, Any]:
         record = {
@@ -107,7 +105,6 @@ def baseline_paths(baseline: Session, generations: Sequence[Generation]) -> list
             schedule=decode_schedule(len(gen.prompt_ids), len(gen.token_ids)),
             tail_samples=TAIL_SAMPLES,
         )
-        tail = scored.tail_ids is not None and scored.tail_logprobs is not None
         paths.append(
             BaselinePath(
                 list(gen.prompt_ids),
@@ -115,8 +112,8 @@ def baseline_paths(baseline: Session, generations: Sequence[Generation]) -> list
                 scored.top_ids[rows],
                 scored.top_logprobs[rows],
                 scored.tail_mass[rows],
-                scored.tail_ids[rows] if tail and scored.tail_ids is not None else None,
-                scored.tail_logprobs[rows] if tail and scored.tail_logprobs is not None else None,
+                None if scored.tail_ids is None else scored.tail_ids[rows],
+                None if scored.tail_logprobs is None else scored.tail_logprobs[rows],
             )
         )
     return paths
@@ -149,17 +146,10 @@ def first_divergences(paths: Sequence[BaselinePath], generations: Sequence[Gener
 
 
 def step_kl(path: BaselinePath, gathered: np.ndarray) -> tuple[np.ndarray, bool]:
-    """KL(baseline || candidate) at each step and whether it is estimated: top-k exact plus the sampled
-    tail when the path has one and every id's logprob is known (unbiased; a step's value may be
-    negative), else the top-k + tail-bucket lower bound."""
-    k = path.top_ids.shape[1]
-    if path.tail_ids is None or path.tail_logprobs is None or np.isnan(gathered).any():
-        bound = kl_topk_tail(path.top_logprobs, path.tail_mass, gathered[:, :k])
-        return np.asarray(np.clip(bound, 0.0, None), dtype=np.float64), False
-    estimate, _ = kl_sampled_tail(
-        path.top_logprobs, gathered[:, :k], path.tail_mass, path.tail_logprobs, gathered[:, k:]
-    )
-    return estimate, True
+    """KL(baseline || candidate) at each step and whether it is estimated (fidelity's estimator: the
+    sampled tail when the path has draws and every id's logprob is known, else the lower bound)."""
+    kl, _, variance = kl_per_position(path.top_logprobs, path.tail_mass, path.tail_logprobs, gathered)
+    return kl, variance is not None
 
 
 def run_decode_path(

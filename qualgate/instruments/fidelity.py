@@ -85,6 +85,11 @@ class ChunkCheckpoint(Protocol):
     def save(self, index: int, part: dict[str, np.ndarray]) -> None: ...
 
 
+def reference_ids(top_ids: np.ndarray, tail_ids: np.ndarray | None) -> np.ndarray:
+    """The top-k ids, then the tail draws when there are any: what a candidate is asked about."""
+    return top_ids if tail_ids is None else np.concatenate([top_ids, tail_ids], axis=1)
+
+
 @dataclass(frozen=True)
 class TokenScores:
     """Per scored token: its chunk, the actual next token and the distribution around it."""
@@ -104,9 +109,7 @@ class TokenScores:
     @property
     def reference_ids(self) -> np.ndarray:
         """The ids a candidate is asked for at each position: the top-k, then the tail sample."""
-        if self.tail_ids is None:
-            return self.top_ids
-        return np.concatenate([self.top_ids, self.tail_ids], axis=1)
+        return reference_ids(self.top_ids, self.tail_ids)
 
     @property
     def n(self) -> int:
@@ -247,28 +250,45 @@ def kl_sampled_tail(
     return np.asarray(head + weight * mean, dtype=np.float64), np.asarray(variance, dtype=np.float64)
 
 
-def _kl_estimate(reference: TokenScores, candidate: TokenScores) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(per-position KL used for the mean, the lower bound per position, how it was computed).
+def kl_per_position(
+    p_top: np.ndarray, p_tail: np.ndarray, p_samples: np.ndarray | None, gathered: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """KL(P||Q) per position from the reference's top-k logprobs, tail mass and tail draws (None:
+    none kept) and the candidate's logprobs `gathered` at the reference's ids (top-k, then draws).
 
-    The estimate needs the reference's tail draws and the candidate's logprob at every reference id
-    (an in-process engine); an engine that returned only its own top-k leaves unknowns, and the KL
-    stays the merged-tail lower bound, labelled as such."""
+    Returns (KL, the top-k + tail-bucket lower bound, the sampling variance of each KL). KL is the
+    sampled-tail estimate when there are draws and every id's logprob is known; otherwise it is the
+    bound and the variance is None (an engine that returned only its own top-k leaves unknowns)."""
+    k = p_top.shape[1]
+    q_top = gathered[:, :k].astype(np.float64)
+    bound = np.asarray(np.clip(kl_topk_tail(p_top, p_tail, q_top), 0.0, None), dtype=np.float64)  # float noise
+    s = 0 if p_samples is None else p_samples.shape[1]
+    q_samples = gathered[:, k : k + s].astype(np.float64)
+    if p_samples is None or q_samples.shape[1] != s or np.isnan(gathered[:, : k + s]).any():
+        return bound, bound, None
+    estimate, variance = kl_sampled_tail(p_top, q_top, p_tail, p_samples.astype(np.float64), q_samples)
+    return estimate, bound, variance
+
+
+def _kl_estimate(reference: TokenScores, candidate: TokenScores) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(per-position KL used for the mean, the lower bound per position, how it was computed)."""
     assert candidate.gathered is not None
-    k = reference.top_logprobs.shape[1]
-    p_top = reference.top_logprobs.astype(np.float64)
-    p_tail = reference.tail_mass.astype(np.float64)
-    q_top = candidate.gathered[:, :k].astype(np.float64)
-    bound = np.clip(kl_topk_tail(p_top, p_tail, q_top), 0.0, None)  # tiny negatives: float noise
-    s = 0 if reference.tail_ids is None else reference.tail_ids.shape[1]
-    q_samples = candidate.gathered[:, k : k + s].astype(np.float64)
-    if s == 0 or q_samples.shape[1] != s or np.isnan(candidate.gathered[:, : k + s]).any():
-        why = "the golden has no tail sample" if s == 0 else "the candidate engine returned only its own top-k"
-        return bound, bound, {"kind": "bound", "tail_samples": 0, "why": why, "sampling_se": 0.0}
-    assert reference.tail_logprobs is not None
-    p_samples = reference.tail_logprobs.astype(np.float64)
-    estimate, variance = kl_sampled_tail(p_top, q_top, p_tail, p_samples, q_samples)
-    sampling_se = float(np.sqrt(variance.sum()) / estimate.size)
-    return estimate, bound, {"kind": "sampled-tail", "tail_samples": s, "sampling_se": sampling_se}
+    kl, bound, variance = kl_per_position(
+        reference.top_logprobs.astype(np.float64),
+        reference.tail_mass.astype(np.float64),
+        reference.tail_logprobs,
+        candidate.gathered,
+    )
+    if variance is None:
+        why = (
+            "the golden has no tail sample"
+            if reference.tail_ids is None
+            else "the candidate engine returned only its own top-k"
+        )
+        return kl, bound, {"kind": "bound", "tail_samples": 0, "why": why, "sampling_se": 0.0}
+    sampling_se = float(np.sqrt(variance.sum()) / kl.size)
+    s = reference.tail_logprobs.shape[1] if reference.tail_logprobs is not None else 0
+    return kl, bound, {"kind": "sampled-tail", "tail_samples": s, "sampling_se": sampling_se}
 
 
 def at_least_zero(est: Estimate) -> dict[str, float]:
