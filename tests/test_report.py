@@ -310,42 +310,30 @@ def kv8_report(policy: Policy) -> dict[str, Any]:
 KV8_CELLS = "0.008123 [0.004, 0.012] | 0.95 [0.94, 0.96] | 1.012 [1.001, 1.015] | 0 | gsm8k 0.98 [0.951, 1.009]"
 
 
-def test_markdown_of_a_warn_that_came_from_an_inconclusive_finding() -> None:
+@pytest.mark.parametrize(
+    ("policy", "label"),
+    [
+        ("warn", "WARN (inconclusive)"),  # the warn came from the inconclusive finding alone
+        ("pass", "PASS (1 inconclusive)"),  # counted as pass, shown beside it
+    ],
+)
+def test_markdown_labels_a_verdict_that_came_from_an_inconclusive_finding(policy: Policy, label: str) -> None:
     expected = "\n".join(
         [
-            "## qualgate: nightly — WARN (inconclusive)",
+            f"## qualgate: nightly — {label}",
             "",
             TABLE_HEADER,
             "| `baseline` | PASS | - | - | - | - | - | - |",
-            f"| `kv8` | WARN (inconclusive) | {KV8_CELLS} | fidelity.{KL_INC_REASON} |",
+            f"| `kv8` | {label} | {KV8_CELLS} | fidelity.{KL_INC_REASON} |",
             "",
-            "### Inconclusive: not enough samples to clear a threshold (counted as warn)",
+            f"### Inconclusive: not enough samples to clear a threshold (counted as {policy})",
             "",
             INCONCLUSIVE_HEADER,
             "| `kv8` | fidelity.kl_mean | 0.008123 [0.004, 0.012] | 0.01 / 0.02 | 16 chunks | 69 |",
             "",
         ]
     )
-    assert report.markdown(kv8_report("warn")) == expected
-
-
-def test_markdown_under_policy_pass_counts_the_inconclusive_beside_the_pass() -> None:
-    expected = "\n".join(
-        [
-            "## qualgate: nightly — PASS (1 inconclusive)",
-            "",
-            TABLE_HEADER,
-            "| `baseline` | PASS | - | - | - | - | - | - |",
-            f"| `kv8` | PASS (1 inconclusive) | {KV8_CELLS} | fidelity.{KL_INC_REASON} |",
-            "",
-            "### Inconclusive: not enough samples to clear a threshold (counted as pass)",
-            "",
-            INCONCLUSIVE_HEADER,
-            "| `kv8` | fidelity.kl_mean | 0.008123 [0.004, 0.012] | 0.01 / 0.02 | 16 chunks | 69 |",
-            "",
-        ]
-    )
-    assert report.markdown(kv8_report("pass")) == expected
+    assert report.markdown(kv8_report(policy)) == expected
 
 
 def test_markdown_inconclusive_policy_defaults_to_warn_and_unknown_sizes_show_a_dash() -> None:
