@@ -1,4 +1,4 @@
-"""How a long text is cut into model-sized pieces for teacher-forced scoring (METRICS.md).
+"""How a long text is cut into model-sized pieces for teacher-forced scoring.
 
 A Chunk is a token sequence to score plus the first row that counts: row i of a ScoreResult
 predicts token_ids[i + 1], and rows [first_scored, len - 1) are the chunk's scored positions.

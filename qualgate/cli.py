@@ -1,4 +1,4 @@
-"""The command layer: parse arguments, call the library, map errors to exit codes (STYLE.md).
+"""The command layer: parse arguments, call the library, map errors to exit codes.
 
 0 pass, 1 gate failed, 2 bad input or configuration, 3 infrastructure.
 """

@@ -102,7 +102,7 @@ SHAPE_KL_FAIL = 0.01
 
 
 def default_gate() -> dict[str, Threshold]:
-    """METRICS.md's starting tiers (tune per model family)."""
+    """The default starting tiers (tune per model family)."""
     return {
         "kl_mean": Threshold(warn=0.01, fail=0.05),
         "same_top1": Threshold(warn=0.95, fail=0.90),

@@ -1,4 +1,4 @@
-"""One error type per kind of failure; the CLI maps them to exit codes (STYLE.md).
+"""One error type per kind of failure; the CLI maps them to exit codes.
 
 0 pass, 1 gate failed, 2 bad input or configuration, 3 infrastructure (server, tracking, disk).
 """

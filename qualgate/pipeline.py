@@ -409,7 +409,7 @@ class Runner:
             finding = estimate("judge", "net_loss", pairwise["net_loss"], pairwise["n"], "prompts", cause=cause)
             validity = judged.get("validity", {"valid": True, "reasons": []})
             if not validity["valid"]:
-                # A biased judge's verdict is neither a pass nor a fail (METRICS.md): say so, loudly.
+                # A biased judge's verdict is neither a pass nor a fail: say so, loudly.
                 reason = "; ".join(validity["reasons"])
                 found.append(replace(finding, status="warn", gated="warn", reason=f"net_loss invalid: {reason}"))
             else:

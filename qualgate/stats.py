@@ -1,4 +1,4 @@
-"""Paired statistics, as pure functions on numpy arrays (METRICS.md).
+"""Paired statistics, as pure functions on numpy arrays.
 
 Every interval here is two-sided at `level` (95% by default) and comes from a paired estimate: the
 same tokens, samples or prompts measured under the reference and the candidate.
@@ -98,7 +98,7 @@ def plain_mean(values: np.ndarray, level: float = 0.95) -> Estimate:
 
 
 def proportion(successes: np.ndarray, level: float = 0.95) -> Estimate:
-    """Share of true values with SE sqrt(p (1 - p) / (N - 1)) (METRICS.md, as llama.cpp)."""
+    """Share of true values with SE sqrt(p (1 - p) / (N - 1)) (as llama.cpp reports it)."""
     flags = np.asarray(successes, dtype=bool)
     n = flags.size
     p = float(flags.mean())

@@ -63,7 +63,7 @@ def test_mcnemar_and_holm_reference_values() -> None:
 
 
 def test_no_flips_still_carry_an_interval() -> None:
-    """METRICS.md's SE is 0 when nothing flipped; a zero-width interval would certify any n."""
+    """The paired SE is 0 when nothing flipped; a zero-width interval would certify any n."""
     d = paired_difference(0, 0, 100)
     assert d.value == 0 and d.low == pytest.approx(-(1 - 0.025 ** (1 / 100))) and d.high == -d.low
     assert 0.036 < d.high < 0.037
@@ -157,7 +157,7 @@ def test_two_bit_flips_significantly_eight_bit_does_not(tmp_path: Path) -> None:
     path = pipeline_file(tmp_path, layers, stacks=[{"layers": []}, {"layers": ["w8"]}, {"layers": ["w2"]}])
     data = yaml.safe_load(path.read_text())
     data["instruments"] = {"benchmarks": {"tasks": ["qg_cloze", "qg_word_order"]}}
-    data.pop("gate", None)  # METRICS.md's tiers: recovery warn 0.99, fail 0.97
+    data.pop("gate", None)  # the default tiers: recovery warn 0.99, fail 0.97
     data["tracking"] = {"enabled": False}
     path.write_text(yaml.safe_dump(data))
     assert run_pipeline(path, tmp_path / "run") == 1

@@ -38,7 +38,7 @@ def test_rolling_mode_reproduces_lm_eval_loglikelihood_rolling(base_session: Any
 
     text = domain_text[:12000]
     # add_bos_token=False: the window prefix is the BOS; letting the tokenizer add another would score
-    # a second BOS as if it were text (the double-BOS pitfall of NOTES.md).
+    # a second BOS as if it were text (the double-BOS pitfall).
     lm = HFLM(
         pretrained=str(bundled_model_path("target")),
         add_bos_token=False,
@@ -129,7 +129,7 @@ def test_sampled_tail_kl_interval_holds_the_full_vocabulary_kl(base_session: Any
 
 @pytest.mark.slow
 def test_top_k_plus_tail_kl_is_within_one_percent_at_the_default_k_on_a_small_vocabulary(domain_text: str) -> None:
-    """METRICS.md's check, on the bundled byte-vocabulary model (259 tokens), whose next-token
+    """The usual top-k check, on the bundled byte-vocabulary model (259 tokens), whose next-token
     distributions are peaked as a real model's are: the default k = 64 keeps >99% of the full KL."""
     default = FidelityConfig(max_chunks=4)
     assert default.top_k == 64

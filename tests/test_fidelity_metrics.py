@@ -1,4 +1,4 @@
-"""Fidelity metrics on hand-computed cases (METRICS.md)."""
+"""Fidelity metrics on hand-computed cases."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Protocol differences of OpenAI-compatible engines, on responses: one recorded from a real server
-here (llama-cpp-python 0.3.36, tests/recorded/) and the others built to the shapes NOTES.md documents."""
+here (llama-cpp-python 0.3.36, tests/recorded/) and the others built to the shapes those engines document."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ class ScoreResult:
     """Teacher-forced scores of token_ids[1:], each predicted from the tokens before it.
 
     Row i describes the prediction of token_ids[i + 1]: its logprob, the top-k ids and logprobs
-    (descending), and the probability mass outside the top-k (the tail bucket of METRICS.md).
+    (descending), and the probability mass outside the top-k (the tail bucket of the KL bound).
     """
 
     token_ids: np.ndarray  # [n] int64

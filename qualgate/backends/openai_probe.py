@@ -1,5 +1,5 @@
 """Reading prompt logprobs from OpenAI-compatible completion responses, and the checks that refuse a
-server whose logprobs would silently corrupt scores (NOTES.md: engines over HTTP).
+server whose logprobs would silently corrupt scores.
 
 Two response shapes exist: the legacy OpenAI `echo` + `logprobs` (tokens, token_logprobs,
 top_logprobs; llama.cpp servers, TGI-style proxies) and vLLM's `prompt_logprobs` (one entry per

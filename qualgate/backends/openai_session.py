@@ -167,7 +167,7 @@ class OpenAISession(TokenizedSession):
         self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64, top_k: int = 8
     ) -> list[Generation]:
         # One at a time, in order: a prefix cache's warm run depends on what ran before, and a batch's
-        # composition changes an engine's kernels (NOTES.md); the counters are read per generation.
+        # composition changes an engine's kernels; the counters are read per generation.
         return [self._generate_one(prompt, max_new_tokens, top_k) for prompt in prompts]
 
     def _generate_one(self, prompt: str | Sequence[int], max_new_tokens: int, top_k: int) -> Generation:

@@ -129,7 +129,7 @@ def _accepts_token_ids(session: OpenAISession, ids: list[int]) -> bool:
 
 
 def _echo_problems(session: OpenAISession, ids: list[int], report: ProbeReport) -> list[str]:
-    """Echo mode: what makes its prompt logprobs unusable (NOTES.md's engine quirks)."""
+    """Echo mode: what makes its prompt logprobs unusable (engine quirks)."""
     text = session.prompt_text(ids)
     expected = (
         [session.piece(t) for t in ids[1:]] if ids[0] == session.bos_token_id else [session.piece(t) for t in ids]

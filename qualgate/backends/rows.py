@@ -1,7 +1,7 @@
 """Scores from what an engine returns per position: the scored token's logprob and its top-k.
 
 An engine over HTTP returns only its own top-k, so the logprob of a reference top-k id the engine
-did not return is unknown: `gathered` holds NaN there, and the KL of METRICS.md merges such ids into
+did not return is unknown: `gathered` holds NaN there, and the KL merges such ids into
 the tail bucket on both sides (merging outcomes keeps the KL a lower bound; fidelity reports the
 merged mass). Nothing unknown is ever filled with a guess.
 """

@@ -1,4 +1,4 @@
-"""Fidelity: perplexity on domain text and how far the candidate's distribution moved (METRICS.md).
+"""Fidelity: perplexity on domain text and how far the candidate's distribution moved.
 
 Two steps with one responsibility each: `score_text` runs a session over the chunks of a text and
 keeps per-token arrays (TokenScores); `compare` is a pure function of two TokenScores.

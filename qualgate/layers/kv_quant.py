@@ -2,7 +2,7 @@
 
 K and V are quantized as they are written to the cache; later tokens attend to the quantized values.
 So these layers only act when text is fed through the cache (decoding, or block-wise scoring): a
-single forward pass over a whole text never reads the cache (DESIGN.md).
+single forward pass over a whole text never reads the cache.
 """
 
 from __future__ import annotations

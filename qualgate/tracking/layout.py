@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-# MLflow limits (NOTES.md): keys <= 250 chars, param values <= 6,000, tag values kept well under that.
+# MLflow limits: keys <= 250 chars, param values <= 6,000, tag values kept well under that.
 MAX_VALUE = 5000
 ESTIMATES = ("kl_mean", "ppl_ratio", "ln_ppl_ratio", "same_top1")
 FIDELITY_SCALARS = (

@@ -85,7 +85,7 @@ class Tracker:
             return str(experiment.experiment_id)
         location = None
         if self.uri.startswith("sqlite:///"):
-            # Artifacts beside the database (NOTES.md: a SQLite experiment stores an absolute artifact path).
+            # Artifacts beside the database (a SQLite experiment stores an absolute artifact path).
             db = Path(self.uri[len("sqlite:///") :])
             location = (db.parent / "mlartifacts").as_uri()
         return str(self._call("create experiment", self.client.create_experiment, name, artifact_location=location))

@@ -80,7 +80,7 @@ class QualgateLM(TemplateLM):  # type: ignore[misc]  # lm-eval ships no type inf
 
     def check_hygiene(self) -> None:
         """Every sequence the model saw has at most one BOS, and only first: a second BOS (a task that
-        renders its own, or a tokenizer adding one) changes scores silently (NOTES.md)."""
+        renders its own, or a tokenizer adding one) changes scores silently."""
         bos = self.session.bos_token_id
         if bos is None:
             return

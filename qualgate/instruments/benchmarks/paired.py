@@ -1,4 +1,4 @@
-"""Paired comparison of one task's per-sample results (METRICS.md, benchmarks): accuracy +- stderr,
+"""Paired comparison of one task's per-sample results: accuracy +- stderr,
 recovery, flips b and c, McNemar's exact test, the paired difference with its interval, and Holm's
 correction across tasks. Pure functions over {doc_id: sample} maps."""
 
@@ -68,9 +68,9 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 
 def paired_difference(b: int, c: int, n: int) -> Estimate:
-    """D = (c - b) / n with METRICS.md's SE. With no flips at all that SE is 0, a zero-width interval
-    that would certify a perfect recovery from any n; then the interval is the exact 95% bound on the
-    flip rate instead (1 - 0.025^(1/n), about 3.7/n, the two-sided "rule of three")."""
+    """D = (c - b) / n with the paired SE sqrt(((b + c) / n - D^2) / n). With no flips at all that SE
+    is 0, a zero-width interval that would certify a perfect recovery from any n; then the interval is
+    the exact 95% bound on the flip rate instead (1 - 0.025^(1/n), about 3.7/n, the two-sided "rule of three")."""
     d = (c - b) / n
     variance = ((b + c) / n - d * d) / n
     if b + c == 0:

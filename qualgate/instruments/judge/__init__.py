@@ -1,1 +1,1 @@
-"""The judge instrument: LLM-as-judge through the openai client, with bias controls (METRICS.md)."""
+"""The judge instrument: LLM-as-judge through the openai client, with bias controls."""

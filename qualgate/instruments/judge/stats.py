@@ -1,4 +1,4 @@
-"""Judge statistics (METRICS.md): pairwise in both orders (an order-dependent verdict is a tie),
+"""Judge statistics: pairwise in both orders (an order-dependent verdict is a tie),
 win / tie / loss, net loss with a paired bootstrap interval, position consistency, length delta;
 single-answer grades with Wilcoxon's signed-rank test and a bootstrap interval of the mean delta."""
 
