@@ -9,24 +9,54 @@ from typing import Any
 
 from qualgate import report as publish
 from qualgate.cli_tracking import track_run
-from qualgate.config import load_pipeline
-from qualgate.errors import ConfigError
+from qualgate.config import Pipeline, load_pipeline
+from qualgate.errors import EXIT_GATE_FAILED, EXIT_INFRASTRUCTURE, EXIT_PASS, ConfigError
 from qualgate.pipeline import Runner
+from qualgate.preflight import preflight
 from qualgate.progress import progress
+from qualgate.run_lock import LOCK_FILE, RunLock
 from qualgate.tracking.state import now_ms
 
 DEFAULT_PIPELINE = "pipelines/demo.yaml"
-EXIT = {"pass": 0, "warn": 0, "fail": 1}
+# The verdict's exit code. inconclusive and error are judged into pass/warn/fail by the gate's policy
+# before they reach a report's verdict; listed so a report never maps to a KeyError.
+EXIT = {
+    "pass": EXIT_PASS,
+    "inconclusive": EXIT_PASS,
+    "warn": EXIT_PASS,
+    "fail": EXIT_GATE_FAILED,
+    "error": EXIT_GATE_FAILED,
+}
+
+
+def _fresh(out: Path) -> None:
+    """--fresh: discard everything in the run directory but the lock this run holds."""
+    for entry in out.iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _tracking_uri(pipeline: Pipeline, cli_uri: str | None, disabled: bool, where: str) -> None:
+    if disabled or not pipeline.tracking.enabled:
+        return
+    from qualgate.tracking.mlflow_log import check_uri, resolve_uri
+
+    check_uri(resolve_uri(cli_uri, pipeline.tracking.uri), "--tracking-uri" if cli_uri else f"{where}: tracking URI")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.pipeline)
     pipeline = load_pipeline(path)
     out = Path(args.out or f"runs/{pipeline.name}")
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
     if args.resume and not (out / "records").is_dir():
         raise ConfigError(f"--resume: {out} holds no earlier run; drop --resume to start one")
+    # Every check that needs no model, before the run directory is touched: exit 2 in seconds.
+    preflight(pipeline, str(path))
+    _tracking_uri(pipeline, args.tracking_uri, args.no_tracking, str(path))
 
     def bar(label: str) -> Any:
         context = progress(label)
@@ -40,15 +70,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         return update
 
     started = now_ms()
-    runner = Runner(pipeline, str(path), out, on_progress=bar)
-    try:
-        result = runner.run()
-    finally:
-        # Managed engine servers stop with the run, whatever ended it (atexit is the backstop).
-        from qualgate.engines.servers import POOL
+    with RunLock(out):
+        args.log_dir = out  # an internal error's traceback goes under the run directory
+        if args.fresh:
+            _fresh(out)
+        publish.supersede(out)
+        runner = Runner(pipeline, str(path), out, on_progress=bar)
+        try:
+            result = runner.run(preflighted=True)
+        finally:
+            # Managed engine servers stop with the run, whatever ended it (atexit is the backstop).
+            from qualgate.engines.servers import POOL
 
-        POOL.stop_all()
-    publish.write(result, out)
+            POOL.stop_all()
+        publish.write(result, out)
     publish.print_report(result)
     print(
         f"{len(runner.planned)} stacks; {runner.computed} units measured, {runner.reused} reused; "
@@ -57,17 +92,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     tracked = track_run(out, result, pipeline, started, args.tracking_uri, args.no_tracking)
     gate = EXIT[result["verdict"]]
     # A tracking failure is exit 3 only when the gate itself passed: a failed gate must read as failed.
-    return gate if gate or tracked else 3
+    return gate if gate or tracked else EXIT_INFRASTRUCTURE
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    pipeline = load_pipeline(Path(args.pipeline))
-    from qualgate.pipeline import check_backend
-    from qualgate.plan import plan
-
-    stacks = plan(pipeline, pipeline.built_layers(args.pipeline))
-    check_backend(pipeline, [p.stack for p in stacks], args.pipeline)
-    print(f"{args.pipeline}: valid; {len(stacks)} stacks: " + ", ".join(p.stack.name for p in stacks))
+    where = args.pipeline
+    pipeline = load_pipeline(Path(where))
+    stacks = preflight(pipeline, where)
+    _tracking_uri(pipeline, None, False, where)
+    print(f"{where}: valid; {len(stacks)} stacks: " + ", ".join(p.stack.name for p in stacks))
     return 0
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qualgate.errors import ConfigError
@@ -19,8 +18,10 @@ from qualgate.instruments.equivalence.check import TOLERANCE_FACTOR, TOLERANCE_F
 from qualgate.instruments.judge.config import JudgeConfig
 from qualgate.layers import Layer, build_layer
 from qualgate.models import ModelSpec
+from qualgate.redact import show
 from qualgate.registry import did_you_mean
 from qualgate.validation import describe
+from qualgate.yaml_file import load_yaml
 
 PIPELINE_VERSION = 1
 
@@ -89,8 +90,9 @@ class TrackingConfig(Strict):
 
 
 class Threshold(Strict):
-    warn: float | None = None
-    fail: float | None = None
+    # NaN compares false with everything: a NaN threshold would pass any stack. Refused at load.
+    warn: float | None = Field(default=None, allow_inf_nan=False)
+    fail: float | None = Field(default=None, allow_inf_nan=False)
 
 
 # A KV cache whose numbers depend on the block a token was written in: the KL between serving shapes of
@@ -176,23 +178,20 @@ def check_tier_order(metric: str, tiers: Threshold, where: str) -> None:
 
 def load_pipeline(path: Path) -> Pipeline:
     where = str(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"pipeline file '{path}' does not exist; try pipelines/demo.yaml")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = load_yaml(path, "pipeline file")
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping with version, name, model, layers, ...")
     if data.get("version") != PIPELINE_VERSION:
-        raise ConfigError(f"{where}: field 'version' must be {PIPELINE_VERSION} (got {data.get('version')!r})")
+        raise ConfigError(f"{where}: field 'version' must be {PIPELINE_VERSION} (got {show(data.get('version'))})")
     policy = data.get("gate", {}).get("inconclusive", "warn") if isinstance(data.get("gate"), dict) else "warn"
     if policy not in ("pass", "warn", "fail"):
-        raise ConfigError(f"{where}: gate.inconclusive must be pass, warn or fail (got {policy!r})")
+        raise ConfigError(f"{where}: gate.inconclusive must be pass, warn or fail (got {show(policy)})")
     try:
         pipeline = Pipeline.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(describe(exc, where, sorted(Pipeline.model_fields))) from None
+        raise ConfigError(describe(exc, where, Pipeline)) from None
     for metric, tiers in pipeline.gate.items():
         if metric not in GATE_METRICS:
             raise ConfigError(
@@ -201,7 +200,15 @@ def load_pipeline(path: Path) -> Pipeline:
         check_tier_order(metric, tiers, where)
     pipeline.built_layers(where)  # every layer is checked now, not halfway through a run
     if pipeline.stacks != "auto":
+        names: dict[str, int] = {}
         for i, stack in enumerate(pipeline.stacks):
+            if stack.name is not None:
+                if stack.name in names:
+                    raise ConfigError(
+                        f"{where}: stacks[{i}].name '{stack.name}' is also stacks[{names[stack.name]}].name; "
+                        "stack names must be unique (they name report rows, JUnit cases and MLflow runs)"
+                    )
+                names[stack.name] = i
             for name in stack.layers:
                 if name not in pipeline.layers:
                     raise ConfigError(

@@ -23,8 +23,11 @@ from pydantic import BaseModel, ConfigDict
 from qualgate import __version__
 from qualgate.chunking import Chunk
 from qualgate.errors import ConfigError
+from qualgate.fsio import read_text
 from qualgate.instruments.fidelity import FidelityConfig, TokenScores, chunk_text, compare, score_text
 from qualgate.models import ModelSpec
+from qualgate.redact import cap, show
+from qualgate.validation import validate
 
 if TYPE_CHECKING:
     from qualgate.backends.base import Session
@@ -62,17 +65,18 @@ class GoldenManifest(BaseModel):
     def fidelity_config(self, **overrides: Any) -> FidelityConfig:
         """The chunking and top-k of this golden, with comparison-side settings (block sizes) added.
         A golden recorded before tail samples existed has none: its KL is the bound."""
-        return FidelityConfig.model_validate({"tail_samples": 0, **self.fidelity, **overrides})
+        return validate(
+            FidelityConfig,
+            {"tail_samples": 0, **self.fidelity, **overrides},
+            f"golden manifest fidelity (re-record it: {RECORD_HINT})",
+        )
 
 
 def read_text_file(path: str) -> str:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"text file '{path}' does not exist; pass --text (or fidelity.text) with a UTF-8 file")
-    try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"text file '{path}' is not UTF-8 ({exc})") from None
+    text = read_text(Path(path), "text file", "pass --text (or fidelity.text) with a UTF-8 file")
+    if not text.strip():
+        raise ConfigError(f"text file '{path}' is empty; give it the domain text to score")
+    return text
 
 
 def domain_text(golden_dir: Path, manifest: GoldenManifest, override: str | None = None) -> str:
@@ -167,15 +171,28 @@ def _compressed_size(arrays: dict[str, np.ndarray]) -> int:
 
 def read_manifest(golden_dir: Path) -> GoldenManifest:
     path = golden_dir / MANIFEST
+    if not golden_dir.is_dir():
+        raise ConfigError(f"golden directory '{golden_dir}' does not exist; record one: qualgate golden record")
     if not path.is_file():
         raise ConfigError(f"{path} does not exist; record a golden baseline first: qualgate golden record")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, "golden manifest"))
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}); re-record it") from None
+        raise ConfigError(f"{path} is not valid JSON ({exc}); re-record it: {RECORD_HINT}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a JSON object (got {show(data)}); re-record it: {RECORD_HINT}")
     if data.get("schema_version") != SCHEMA_VERSION:
-        raise ConfigError(f"{path}: schema_version {data.get('schema_version')} is not {SCHEMA_VERSION}; re-record it")
-    return GoldenManifest.model_validate(data)
+        raise ConfigError(
+            f"{path}: schema_version {show(data.get('schema_version'))} is not {SCHEMA_VERSION}; "
+            f"re-record it: {RECORD_HINT}"
+        )
+    manifest = validate(GoldenManifest, data, f"{path} (re-record it: {RECORD_HINT})")
+    for key, kind in (("path", str), ("dtype", str), ("files", dict)):
+        if not isinstance(manifest.model.get(key), kind):
+            raise ConfigError(f"{path}: model.{key} is missing or not a {kind.__name__}; re-record it: {RECORD_HINT}")
+    if not isinstance(manifest.text.get("sha256"), str):
+        raise ConfigError(f"{path}: text.sha256 is missing; re-record it: {RECORD_HINT}")
+    return manifest
 
 
 def identity_mismatches(manifest: GoldenManifest, model: ModelSpec, text: str, config: FidelityConfig) -> list[str]:
@@ -205,23 +222,66 @@ def load(golden_dir: Path, model: ModelSpec, text: str, config: FidelityConfig) 
             f"{golden_dir}: golden baseline does not match: {'; '.join(problems)}; "
             "re-record it with: qualgate golden record"
         )
-    data = np.load(golden_dir / SCORES)
-    lengths, first = data["chunk_lengths"], data["chunk_first_scored"]
+    arrays = _read_scores(golden_dir / SCORES, manifest)
+    lengths, first = arrays["chunk_lengths"], arrays["chunk_first_scored"]
     bounds = np.concatenate([[0], np.cumsum(lengths)])
-    flat = data["chunk_tokens"].astype(np.int64)
+    flat = arrays["chunk_tokens"].astype(np.int64)
     chunks = [Chunk(flat[bounds[i] : bounds[i + 1]].tolist(), int(first[i])) for i in range(len(lengths))]
     scores = TokenScores(
-        chunk=data["chunk"].astype(np.int32),
-        target=data["target"].astype(np.int64),
-        logprob=data["logprob"].astype(np.float64),
-        top_ids=data["top_ids"].astype(np.int64),
-        top_logprobs=data["top_logprobs"].astype(np.float64),
-        tail_mass=data["tail_mass"].astype(np.float64),
+        chunk=arrays["chunk"].astype(np.int32),
+        target=arrays["target"].astype(np.int64),
+        logprob=arrays["logprob"].astype(np.float64),
+        top_ids=arrays["top_ids"].astype(np.int64),
+        top_logprobs=arrays["top_logprobs"].astype(np.float64),
+        tail_mass=arrays["tail_mass"].astype(np.float64),
         block_size=manifest.block_size,
-        tail_ids=data["tail_ids"].astype(np.int64) if "tail_ids" in data.files else None,
-        tail_logprobs=data["tail_logprobs"].astype(np.float64) if "tail_logprobs" in data.files else None,
+        tail_ids=arrays["tail_ids"].astype(np.int64) if "tail_ids" in arrays else None,
+        tail_logprobs=arrays["tail_logprobs"].astype(np.float64) if "tail_logprobs" in arrays else None,
     )
     return chunks, scores
+
+
+PER_TOKEN = ("chunk", "target", "logprob", "top_ids", "top_logprobs", "tail_mass")
+PER_CHUNK = ("chunk_lengths", "chunk_first_scored")
+RECORD_HINT = "qualgate golden record"
+
+
+def _read_scores(path: Path, manifest: GoldenManifest) -> dict[str, np.ndarray]:
+    """Every array of scores.npz, decompressed and checked against the manifest (exit 2 naming the file
+    when it is missing, cut short, corrupt, or holds arrays of the wrong shape)."""
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; re-record the golden: {RECORD_HINT}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except Exception as exc:
+        raise ConfigError(
+            f"{path} is unreadable ({exc.__class__.__name__}: {cap(str(exc), 120)}); re-record it: {RECORD_HINT}"
+        ) from None
+    problems = [f"array '{name}' is missing" for name in (*PER_TOKEN, *PER_CHUNK, "chunk_tokens") if name not in arrays]
+    if not problems:
+        n, k = manifest.n_tokens, manifest.fidelity.get("top_k")
+        for name in PER_TOKEN:
+            if arrays[name].shape[:1] != (n,):
+                problems.append(f"'{name}' has {arrays[name].shape[:1]} rows, the manifest {n} tokens")
+        for name in ("top_ids", "top_logprobs"):
+            if arrays[name].ndim != 2 or (k is not None and arrays[name].shape[1] != k):
+                problems.append(f"'{name}' has shape {arrays[name].shape}, not ({n}, top_k={k})")
+        for name in PER_CHUNK:
+            if arrays[name].shape != (manifest.n_chunks,):
+                problems.append(f"'{name}' has shape {arrays[name].shape}, the manifest {manifest.n_chunks} chunks")
+        samples = manifest.fidelity.get("tail_samples") or 0
+        for name in ("tail_ids", "tail_logprobs"):
+            if samples and (name not in arrays or arrays[name].shape != (n, samples)):
+                shape = arrays[name].shape if name in arrays else "missing"
+                problems.append(f"'{name}' is {shape}, not ({n}, tail_samples={samples})")
+        if not problems and int(arrays["chunk_lengths"].sum()) != arrays["chunk_tokens"].shape[0]:
+            problems.append("chunk_lengths do not add up to chunk_tokens")
+        if not problems and not np.isfinite(arrays["logprob"]).all():
+            problems.append("'logprob' holds non-finite values")
+    if problems:
+        raise ConfigError(f"{path}: {'; '.join(problems[:3])}; re-record it: {RECORD_HINT}")
+    return arrays
 
 
 def verify(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qualgate.errors import ConfigError
+from qualgate.fsio import atomic_write_text, read_text
 
 NOISE_FLOOR = "noise_floor.json"
 # metric name -> how to read the floor from a fidelity summary, and whether bigger is worse
@@ -27,7 +28,7 @@ def save(golden_dir: Path, variant: dict[str, Any], summary: dict[str, Any]) -> 
     floors["variants"] = [v for v in floors["variants"] if v["variant"] != variant] + [
         {"variant": variant, "summary": summary}
     ]
-    path.write_text(json.dumps(floors, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(floors, indent=2) + "\n")
     return path
 
 
@@ -36,15 +37,21 @@ def floor_values(golden_dir: Path) -> dict[str, float]:
     path = golden_dir / NOISE_FLOOR
     if not path.is_file():
         return {}
-    floors: dict[str, float] = {}
-    for entry in json.loads(path.read_text(encoding="utf-8"))["variants"]:
-        for metric, (keys, bigger_is_worse) in FLOOR_METRICS.items():
-            value: Any = entry["summary"]
-            for key in keys:
-                value = value[key]
-            current = floors.get(metric)
-            if current is None or (value > current if bigger_is_worse else value < current):
-                floors[metric] = float(value)
+    fix = "re-measure it with qualgate golden noise-floor, or delete it"
+    try:
+        variants = json.loads(read_text(path, "noise floor"))["variants"]
+        floors: dict[str, float] = {}
+        for entry in variants:
+            for metric, (keys, bigger_is_worse) in FLOOR_METRICS.items():
+                value: Any = entry["summary"]
+                for key in keys:
+                    value = value[key]
+                value = float(value)
+                current = floors.get(metric)
+                if current is None or (value > current if bigger_is_worse else value < current):
+                    floors[metric] = value
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{path} is not a noise floor qualgate wrote ({exc.__class__.__name__}); {fix}") from None
     return floors
 
 

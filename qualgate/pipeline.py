@@ -4,6 +4,7 @@ gate, and return the report. Publishing (files, terminal) lives in report.py.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 from collections.abc import Callable
@@ -13,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from qualgate import __version__, golden, noise_floor
-from qualgate.backends import BACKENDS, Session, get_backend, open_session
+from qualgate import __version__, golden
+from qualgate.backends import BACKENDS, Session, open_session
 from qualgate.code_identity import class_identity
 from qualgate.config import Pipeline
-from qualgate.errors import ConfigError
+from qualgate.fsio import atomic_write, atomic_write_text
 from qualgate.gate import Finding, judge, verdict, worst_status
 from qualgate.instruments.benchmarks import run as benchmarks_run
 from qualgate.instruments.benchmarks.paired import compare_task, holm
@@ -40,6 +41,7 @@ from qualgate.instruments.judge.run import load_prompts as load_judge_prompts
 from qualgate.instruments.judge.run import run_judge
 from qualgate.layers import Layer
 from qualgate.plan import PlannedStack, plan
+from qualgate.preflight import preflight, probe_text_path
 from qualgate.stack import Stack
 from qualgate.stats import proportion
 from qualgate.store import RunStore, file_sha256, identity_key
@@ -62,17 +64,6 @@ def _git() -> dict[str, Any]:
         return {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
-
-
-def check_backend(pipeline: Pipeline, stacks: list[Stack], where: str) -> None:
-    """Every planned stack can be opened on the pipeline's backend (its layers, its endpoint, its engine
-    environment): a mistake is exit 2 before anything runs, not a failure after hours of earlier stacks."""
-    backend = get_backend(pipeline.backend.name, **pipeline.backend.options)
-    for stack in stacks:
-        try:
-            backend.check(stack)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
 
 
 class Runner:
@@ -115,18 +106,6 @@ class Runner:
         return key, record
 
     # -- fidelity ---------------------------------------------------------------------------------
-    def check_gate_against_noise_floor(self) -> None:
-        """Refuse thresholds tighter than the golden's recorded floor, before any work (and on every
-        rerun: thresholds are not part of a record's identity, so reused records must not skip this)."""
-        inst = self.pipeline.instruments.fidelity
-        if inst is None:
-            return
-        floors = noise_floor.floor_values(Path(inst.golden))
-        for metric, tiers in self.pipeline.gate.items():
-            for threshold in (tiers.warn, tiers.fail):
-                if threshold is not None:
-                    noise_floor.check_thresholds({metric: threshold}, floors, f"{self.where}: gate")
-
     def _golden_data(self) -> tuple[Any, ...]:
         """The golden's chunks, reference scores and scores hash, loaded once per run (record keys need them)."""
         if self._golden is None:
@@ -161,8 +140,10 @@ class Runner:
             checkpoint = self.store.chunks(key)
             scores = score_text(session, chunks, config, reference=reference, on_chunk=progress, checkpoint=checkpoint)
         result = compare(reference, scores)
+        buffer = io.BytesIO()
         save: Any = np.savez_compressed  # numpy's stub reads **arrays as its allow_pickle flag
-        save(self.samples / f"fidelity.{key}.npz", **result.per_token)
+        save(buffer, **result.per_token)
+        atomic_write(self.samples / f"fidelity.{key}.npz", buffer.getvalue())
         record = {
             "stack": measured.name,
             "golden": str(golden_dir),
@@ -178,14 +159,7 @@ class Runner:
     def probe_text(self) -> tuple[str, str] | None:
         """(path, sha256) of the text the prefix-cache and speculation probes are cut from: the
         pipeline's probe_text, else the fidelity domain text; None without either (or probes: false)."""
-        inst = self.pipeline.instruments.equivalence
-        if inst is None or not inst.probes:
-            return None
-        path = inst.probe_text
-        if path is None and self.pipeline.instruments.fidelity is not None:
-            fidelity = self.pipeline.instruments.fidelity
-            manifest = golden.read_manifest(Path(fidelity.golden))
-            path = fidelity.text or manifest.text.get("source")
+        path = probe_text_path(self.pipeline)
         if path is None:
             # No domain text to cut probes from: the prompt files alone. A prefix-cache check then says
             # whether they exercised the cache (coverage), and fails if they did not.
@@ -468,7 +442,7 @@ class Runner:
                     session, inst, self._task_manager, block, score_cache, generate_cache, progress
                 )
             path = self.samples / f"benchmarks.{key}.json"
-            path.write_text(json.dumps([r.as_dict() for r in results.values()]), encoding="utf-8")
+            atomic_write_text(path, json.dumps([r.as_dict() for r in results.values()]))
             record = {"stack": stack.name, "samples": f"samples/benchmarks.{key}.json"}
             self.store.put(key, record)
             self.computed += 1
@@ -557,9 +531,9 @@ class Runner:
         return summary
 
     # -- run ----------------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        self.check_gate_against_noise_floor()
-        check_backend(self.pipeline, [p.stack for p in self.planned], self.where)
+    def run(self, preflighted: bool = False) -> dict[str, Any]:
+        if not preflighted:
+            preflight(self.pipeline, self.where)  # `qualgate run` has done it before taking the run directory
         fidelity = self.pipeline.instruments.fidelity
         golden_manifest = golden.read_manifest(Path(fidelity.golden)).model_dump() if fidelity else None
         stacks: list[dict[str, Any]] = []

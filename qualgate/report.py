@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 from qualgate.errors import ConfigError
+from qualgate.fsio import atomic_write_text, read_text, write_failure
+from qualgate.redact import show
 
 ICON = {"pass": "PASS", "inconclusive": "INCONCLUSIVE", "warn": "WARN", "fail": "FAIL", "error": "ERROR"}
 GITHUB_SUMMARY_LIMIT = 1 << 20  # GitHub drops step summaries over 1 MiB
@@ -307,27 +310,78 @@ def junit(report: dict[str, Any]) -> str:
     return ET.tostring(root, encoding="unicode", xml_declaration=True)
 
 
+def _finite(value: Any) -> Any:
+    """The report with every non-finite number as null: JSON has no NaN, and a reader must not get one
+    (the finding that holds it is an `error` whose reason says why)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+OUTPUTS = ("report.json", "summary.md", "junit.xml")
+
+
 def write(report: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    """report.json, summary.md and junit.xml, each replaced atomically (never a torn or half-new set:
+    report.json, the file that says the run finished, is written last)."""
+    report = _finite(report)
+    text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
     summary = markdown(report)
-    (out_dir / "summary.md").write_text(summary, encoding="utf-8")
-    (out_dir / "junit.xml").write_text(junit(report) + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "summary.md", summary)
+    atomic_write_text(out_dir / "junit.xml", junit(report) + "\n")
+    atomic_write_text(out_dir / "report.json", text)
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if step_summary:
         # GitHub's limit is in bytes, for the whole file: what earlier steps wrote counts too.
         path = Path(step_summary)
         room = max(0, GITHUB_SUMMARY_LIMIT - (path.stat().st_size if path.is_file() else 0))
         data = summary.encode("utf-8")[:room].decode("utf-8", errors="ignore")  # never half a character
-        with open(step_summary, "a", encoding="utf-8") as fh:
-            fh.write(data)
+        try:
+            with open(step_summary, "a", encoding="utf-8") as fh:
+                fh.write(data)
+        except OSError as exc:
+            raise write_failure(path, exc, len(data)) from None
+
+
+def supersede(out_dir: Path) -> None:
+    """Remove a previous run's outputs before this one measures: a run that dies must not leave the
+    last run's PASS for `qualgate report` or a CI step to read as its own."""
+    for name in OUTPUTS:
+        try:
+            (out_dir / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise write_failure(out_dir / name, exc) from None
 
 
 def read(run_dir: Path) -> dict[str, Any]:
+    """A finished run's report, or exit 2 naming the file and what to do."""
     path = run_dir / "report.json"
     if not path.is_file():
+        if (run_dir / "records").is_dir():
+            raise ConfigError(
+                f"{path} does not exist: the run in {run_dir} has not finished (in progress, interrupted or "
+                "failed); rerun the same qualgate run command to finish it"
+            )
         raise ConfigError(f"{path} does not exist; run qualgate run --out {run_dir} first")
-    return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    try:
+        report = json.loads(read_text(path, "report"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); rerun the pipeline to rewrite it"
+        ) from None
+    problems = [] if isinstance(report, dict) else ["not a JSON object"]
+    if not problems:
+        if report.get("verdict") not in ICON:
+            problems.append(f"verdict {show(report.get('verdict'))} is not one of {', '.join(ICON)}")
+        if not isinstance(report.get("stacks"), list) or not isinstance(report.get("pipeline"), str):
+            problems.append("'stacks' or 'pipeline' is missing")
+    if problems:
+        raise ConfigError(f"{path} is not a qualgate report ({'; '.join(problems)}); rerun the pipeline")
+    return report  # type: ignore[no-any-return]
 
 
 def print_report(report: dict[str, Any]) -> None:

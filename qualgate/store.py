@@ -6,8 +6,8 @@ crash, reuses every record whose identity matches; nothing is keyed by a name al
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from qualgate.code_identity import package_source_hash
-from qualgate.errors import ConfigError, InfrastructureError
+from qualgate.errors import ConfigError
+from qualgate.fsio import atomic_write, atomic_write_text, write_failure
 
 
 def identity_key(identity: dict[str, Any]) -> str:
@@ -51,7 +52,7 @@ class RunStore:
         try:
             self.records.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise InfrastructureError(f"cannot create run directory {self.records}: {exc}") from None
+            raise write_failure(self.records, exc) from None
 
     def get(self, key: str) -> dict[str, Any] | None:
         path = self.records / f"{key}.json"
@@ -63,16 +64,8 @@ class RunStore:
             return None  # a torn write from a killed run: redo that unit
 
     def put(self, key: str, record: dict[str, Any]) -> None:
-        path = self.records / f"{key}.json"
-        tmp = path.with_suffix(".tmp")
-        try:
-            with tmp.open("w", encoding="utf-8") as fh:
-                json.dump(record, fh, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            tmp.replace(path)  # atomic: a record is either whole or absent
-        except OSError as exc:
-            raise InfrastructureError(f"cannot write run record {path}: {exc}") from None
+        # Atomic: a record is either whole or absent; a full disk is exit 3 and the rerun resumes here.
+        atomic_write_text(self.records / f"{key}.json", json.dumps(record, sort_keys=True))
 
     def generations(self, key: str) -> JsonCheckpoint:
         return JsonCheckpoint(self.records.parent / "partial" / key)
@@ -107,13 +100,10 @@ class NpzChunkCheckpoint:
             return None  # torn by a crash (empty or half-written): score the chunk again
 
     def save(self, index: int, part: dict[str, np.ndarray]) -> None:
-        tmp = self.directory / f"{index:06d}.tmp.npz"
-        with tmp.open("wb") as fh:
-            save: Any = np.savez  # numpy's stub reads **arrays as its allow_pickle flag
-            save(fh, **part)
-            fh.flush()
-            os.fsync(fh.fileno())  # whole on disk before the rename makes it visible
-        tmp.replace(self.directory / f"{index:06d}.npz")
+        buffer = io.BytesIO()
+        save: Any = np.savez  # numpy's stub reads **arrays as its allow_pickle flag
+        save(buffer, **part)
+        atomic_write(self.directory / f"{index:06d}.npz", buffer.getvalue())
 
     def discard(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -134,9 +124,7 @@ class JsonCheckpoint:
             return None  # torn by a kill: generate it again
 
     def save(self, name: str, record: dict[str, Any]) -> None:
-        tmp = self.directory / f"{name}.tmp"
-        tmp.write_text(json.dumps(record), encoding="utf-8")
-        tmp.replace(self.directory / f"{name}.json")
+        atomic_write_text(self.directory / f"{name}.json", json.dumps(record))
 
     def discard(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -5,6 +5,7 @@ A session's results are plain numpy arrays so instruments never depend on torch 
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import numpy as np
 
 from qualgate.errors import ConfigError
 from qualgate.layers import Layer
-from qualgate.registry import Registry
+from qualgate.registry import Registry, did_you_mean
 from qualgate.stack import Stack
 
 
@@ -181,6 +182,15 @@ def get_backend(name: str, **options: Any) -> Backend:
     cls = BACKENDS.get(name)
     if not isinstance(cls, type) or not issubclass(cls, Backend):
         raise ConfigError(f"backend '{name}' is not a qualgate Backend subclass")
+    # A backend without an options model (a plug-in's) still gets its options checked by name: a typo
+    # is exit 2 with a did-you-mean, not a TypeError from its constructor.
+    parameters = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        for key in options:
+            if key not in parameters:
+                raise ConfigError(
+                    f"backend '{name}' options: unknown field '{key}'; {did_you_mean(key, list(parameters))}"
+                )
     return cls(**options)
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from qualgate.backends.base import Backend, Capabilities, Generation, ScoreResult, block_spans, register_backend
 from qualgate.backends.hf_cache import croppable, snapshot_cache
@@ -18,14 +19,22 @@ from qualgate.layers import KVQuantLayer, Layer, PrefixCacheLayer, SpeculationLa
 from qualgate.layers.prefix_cache import PrefixStore
 from qualgate.models import load_hf_model, load_hf_tokenizer
 from qualgate.stack import Stack
+from qualgate.validation import validate
+
+
+class HFOptions(BaseModel):
+    """backend.options of the in-process engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's own)")
 
 
 @register_backend
 class HFBackend(Backend):
     name: ClassVar[str] = "hf"
 
-    def __init__(self, threads: int | None = None) -> None:
-        self.threads = threads
+    def __init__(self, **options: Any) -> None:
+        self.threads = validate(HFOptions, options, "backend 'hf' options").threads
 
     def supports(self, layer: Layer[Any]) -> bool:
         # Every layer kind has an in-process hook; a plug-in layer implements the hook of its kind.

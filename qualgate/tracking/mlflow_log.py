@@ -16,7 +16,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qualgate.errors import InfrastructureError, MissingDependencyError
+from qualgate.errors import ConfigError, InfrastructureError, MissingDependencyError
+from qualgate.redact import cap
 from qualgate.tracking.layout import RunLayout, RunSpec
 from qualgate.tracking.state import TrackingState
 
@@ -37,6 +38,35 @@ def resolve_uri(cli: str | None = None, pipeline: str | None = None) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
+
+
+# The stores MLflow's client opens; anything else fails deep inside it, after the run.
+KNOWN_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
+
+
+def check_uri(uri: str, where: str = "tracking URI") -> None:
+    """Exit 2 for a URI MLflow cannot open; exit 3 for a SQLite store whose directory cannot be
+    written. Checked before the run measures anything, so a typo does not wait for the end."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return  # a local path (a file store), or a bare name such as `databricks`
+    if scheme.split("+")[0] not in KNOWN_SCHEMES:
+        raise ConfigError(
+            f"{where} '{cap(uri, 120)}': MLflow has no store for scheme '{cap(scheme, 40)}'; use "
+            "sqlite:///path/mlflow.db, http(s)://host:port or file:///path (or pass --no-tracking)"
+        )
+    if scheme == "sqlite":
+        database = Path(rest.removeprefix("/")) if not rest.startswith("//") else Path(rest[1:])
+        directory = database.parent
+        if not directory.is_dir():
+            raise ConfigError(
+                f"{where} '{uri}': directory {directory} does not exist; create it or pass --tracking-uri"
+            )
+        if not os.access(directory, os.W_OK) or (database.exists() and not os.access(database, os.W_OK)):
+            raise InfrastructureError(
+                f"{where} '{uri}': {directory} is not writable, so MLflow cannot create or update "
+                f"{database.name}; pass --tracking-uri with a writable place, or --no-tracking"
+            )
 
 
 def _batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

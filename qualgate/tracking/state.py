@@ -7,7 +7,6 @@ is not there yet), so `qualgate sync` can finish the upload later and never uplo
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from qualgate.errors import ConfigError
+from qualgate.fsio import atomic_write_text, read_text
 
 STATE_FILE = "tracking.json"
 Status = Literal["pending", "logged", "failed", "disabled"]
@@ -41,10 +41,7 @@ class TrackingState(BaseModel):
         return cls(run_uid=uuid.uuid4().hex, started_ms=started_ms, finished_ms=now_ms())
 
     def save(self, run_dir: Path) -> None:
-        path = run_dir / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(run_dir / STATE_FILE, self.model_dump_json(indent=2) + "\n")
 
     @classmethod
     def load(cls, run_dir: Path) -> TrackingState:
@@ -52,7 +49,7 @@ class TrackingState(BaseModel):
         if not path.is_file():
             raise ConfigError(f"{path} is missing: {run_dir} is not a finished qualgate run (run `qualgate run` first)")
         try:
-            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+            return cls.model_validate(json.loads(read_text(path, "tracking state")))
         except (json.JSONDecodeError, ValidationError) as exc:
             raise ConfigError(
                 f"{path} is not a valid tracking state ({exc.__class__.__name__}); rerun the pipeline"
