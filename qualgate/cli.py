@@ -146,8 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log = _crash_log(args, exc)
         where = f"the traceback is in {log}" if log else "no log could be written"
         _say(
-            f"qualgate: internal error ({exc.__class__.__name__}: {cap(str(exc), 200)}); this is a bug in qualgate, "
-            f"not in your input: {where}; please report it with that file"
+            f"qualgate: internal error ({exc.__class__.__name__}: {cap(str(exc), 200)}); an unexpected failure "
+            f"(a bug in qualgate or in a plug-in), not a verdict: {where}; please report it with that file"
         )
         return EXIT_INTERNAL
 

@@ -50,8 +50,12 @@ def _tracking_uri(pipeline: Pipeline, cli_uri: str | None, disabled: bool, where
 
 def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.pipeline)
+    args.log_dir = args.out  # an internal error's traceback goes under the run directory
     pipeline = load_pipeline(path)
     out = Path(args.out or f"runs/{pipeline.name}")
+    args.log_dir = out
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a run directory; pass a directory path")
     if args.resume and not (out / "records").is_dir():
         raise ConfigError(f"--resume: {out} holds no earlier run; drop --resume to start one")
     # Every check that needs no model, before the run directory is touched: exit 2 in seconds.
@@ -71,7 +75,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     started = now_ms()
     with RunLock(out):
-        args.log_dir = out  # an internal error's traceback goes under the run directory
         if args.fresh:
             _fresh(out)
         publish.supersede(out)

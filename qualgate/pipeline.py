@@ -42,6 +42,7 @@ from qualgate.instruments.judge.run import run_judge
 from qualgate.layers import Layer
 from qualgate.plan import PlannedStack, plan
 from qualgate.preflight import preflight, probe_text_path
+from qualgate.redact import redact
 from qualgate.stack import Stack
 from qualgate.stats import proportion
 from qualgate.store import RunStore, file_sha256, identity_key
@@ -568,7 +569,9 @@ class Runner:
                     "reasons": [f"{f.instrument}.{f.reason}" for f in findings if f.status != "pass"],
                 }
             )
-        return {
+        # Whatever a user wrote under a credential's name (an endpoint's api_key) never reaches the
+        # report, the summary, JUnit or MLflow.
+        report = {
             "report_version": REPORT_VERSION,
             "pipeline": self.pipeline.name,
             "verdict": worst_status([s["verdict"] for s in stacks]),
@@ -591,6 +594,8 @@ class Runner:
             "stacks": stacks,
             "compound": compound_table(self.planned, stacks),
         }
+        safe: dict[str, Any] = redact(report)
+        return safe
 
 
 def _fidelity_view(record: dict[str, Any]) -> dict[str, Any]:

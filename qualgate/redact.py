@@ -13,14 +13,15 @@ from typing import Any
 
 ECHO_LIMIT = 200
 REDACTED = "<redacted>"
-# A field named like a credential: api_key, token, hf_token, secret, password, authorization, ...
-SECRET_NAME = re.compile(r"(?i)(key|token|secret|passw|credential|auth)")
-# Fields that match SECRET_NAME but hold no secret: the *name* of the variable that holds one.
-_NOT_SECRET = re.compile(r"(?i)(_env|_var|_file|_path|^max_|tokens$|top_k)")
+# A field named like a credential: api_key, client_secret, password, hf_token, access_token, ... but not
+# per_token, max_tokens or tokenizer.json: the name's last word decides.
+_SECRET_WORDS = {"key", "apikey", "secret", "password", "passwd", "credential", "credentials", "authorization"}
+_TOKEN = re.compile(r"(?i)^((access|auth|bearer|hf|api|refresh|session|id|github|gh)[_-]?)?token$")
 
 
 def is_secret(name: str) -> bool:
-    return bool(SECRET_NAME.search(name)) and not _NOT_SECRET.search(name)
+    words = [w for w in re.split(r"[_\-.\s]+", name.lower()) if w]
+    return bool(words) and (words[-1] in _SECRET_WORDS or bool(_TOKEN.match(name)))
 
 
 def redact(value: Any) -> Any:
@@ -46,14 +47,24 @@ class _Bounded(reprlib.Repr):
 _REPR = _Bounded()
 
 
+def _pruned(value: Any, level: int) -> Any:
+    """`value` redacted, cut to what the bounded repr shows (never walks an alias bomb whole)."""
+    if level <= 0:
+        return ...
+    if isinstance(value, Mapping):
+        items = list(value.items())[: _REPR.maxdict + 1]
+        return {k: REDACTED if isinstance(k, str) and is_secret(k) else _pruned(v, level - 1) for k, v in items}
+    if isinstance(value, list | tuple):
+        return [_pruned(v, level - 1) for v in value[: _REPR.maxlist + 1]]
+    return value
+
+
 def show(value: Any, field: str = "") -> str:
     """`value` as a message may echo it: redacted when `field` (or a key inside it) names a secret, bounded
     in depth and items, and at most ECHO_LIMIT characters."""
     if field and is_secret(field):
         return REDACTED
-    if isinstance(value, Mapping | list | tuple):
-        value = redact(value)
-    return cap(_REPR.repr(value))
+    return cap(_REPR.repr(_pruned(value, _REPR.maxlevel + 1)))
 
 
 def cap(text: str, limit: int = ECHO_LIMIT) -> str:

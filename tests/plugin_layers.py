@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+from pydantic import model_validator
 
 from qualgate.layers import LayerParams, WeightQuantLayer
 from qualgate.layers.kv_quant import Fp8KV, _fp8_layer_class
@@ -167,4 +168,20 @@ class WrongScaleRTN(RoundToNearest):
                 scale = (groups.abs().amax(dim=-1, keepdim=True) / 2 / qmax).clamp(min=1e-12)
                 codes = torch.clamp(torch.round(groups / scale), -qmax - 1, qmax)
                 linear.weight.copy_((codes * scale).reshape(out_features, in_features))
+        return model
+
+
+class ExplodingParams(LayerParams):
+    """A plug-in with a bug: its validator raises what no validation expects (for the exit-4 contract)."""
+
+    @model_validator(mode="after")
+    def _explode(self) -> ExplodingParams:
+        raise ZeroDivisionError("a plug-in's own bug")
+
+
+class Exploding(WeightQuantLayer):
+    method: ClassVar[str] = "exploding"
+    Params = ExplodingParams
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         return model

@@ -143,7 +143,7 @@ def test_cli_record_verify_noise_floor_and_fidelity(tmp_path: Path, capsys: pyte
 
 def test_cli_user_mistakes_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["fidelity", str(tmp_path / "nope")]) == 2
-    assert "record a golden baseline first" in capsys.readouterr().err
+    assert "does not exist; record one: qualgate golden record" in capsys.readouterr().err
     assert main(["golden", "record", "--out", str(tmp_path / "g"), "--text", str(tmp_path / "missing.txt")]) == 2
     assert "text file" in capsys.readouterr().err
     assert main(["golden", "record", "--out", str(tmp_path / "g"), "--text", TEXT_PATH, "--max-chunks", "1"]) == 0
