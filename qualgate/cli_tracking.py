@@ -31,8 +31,12 @@ def track_run(
     try:
         parent_id, _ = upload(out, result, state, uri, experiment)
     except TrackingError as exc:
-        print(f"qualgate: tracking failed: {exc}", file=sys.stderr)
-        print(f"qualgate: the run is complete in {out}; upload it later with: qualgate sync {out}", file=sys.stderr)
+        # One line, like every error: the run is safe on disk and the upload can be redone.
+        print(
+            f"qualgate: error: tracking failed: {exc}; the run is complete in {out}: upload it later with "
+            f"qualgate sync {out}",
+            file=sys.stderr,
+        )
         return False
     print(f"MLflow: run {parent_id} in experiment '{experiment}' at {uri}")
     return True

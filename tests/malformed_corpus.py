@@ -8,7 +8,7 @@ A case file holds:
   encoding:  how pipeline_text is written (default utf-8; latin-1 makes a non-UTF-8 file)
   files:     {path under {dir}: text}; files_latin1: the same, written as Latin-1
   golden:    damage done to a copy of golden/bundled-target at {dir}/golden (the pipeline then uses it)
-  fault:     disk-full | lock-held | hide-module:<module>
+  fault:     disk-full[-after:N] | lock-held | hide-module:<module>
   exit:      the expected exit code
   message:   a regular expression the error line must match
   absent:    strings that must not appear in any output (secrets)
@@ -145,10 +145,15 @@ def fault(name: str | None, directory: Path) -> Iterator[None]:
     """An environment fault for the duration of one command."""
     saved_fsync, saved_find = os.fsync, importlib.util.find_spec
     try:
-        if name == "disk-full":
+        if name and name.startswith("disk-full"):
+            # disk-full: the first fsync fails; disk-full-after:N: the disk fills after N whole writes.
+            room = [int(name.partition(":")[2] or 0)]
 
             def full(fd: int) -> None:
-                raise OSError(errno.ENOSPC, "No space left on device")
+                if room[0] <= 0:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                room[0] -= 1
+                saved_fsync(fd)
 
             os.fsync = full
         elif name == "lock-held":
@@ -184,7 +189,7 @@ def run_case(path: Path, directory: Path) -> Outcome:
                 code = main(argv)
             except SystemExit as exc:  # argparse's own exit
                 code = int(exc.code or 0)
-            except BaseException as exc:  # noqa: BLE001 - the "before" table records what escaped main()
+            except BaseException as exc:  # the "before" table records what escaped main()
                 import traceback
 
                 traceback.print_exc()

@@ -43,7 +43,10 @@ def test_layers_build_with_defaults_and_names() -> None:
         ({"kind": "weight_quant"}, "needs 'kind' and 'method'"),
         ({"kind": "weight_quant", "method": "rtn", "bits": 1}, "field 'bits'"),
         ({"kind": "weight_quant", "method": "rtn", "bits": 9}, "field 'bits'"),
-        ({"kind": "weight_quant", "method": "rtn", "bitz": 4}, "unknown field 'bitz'; did you mean 'bits'? (valid fields here: bits"),
+        (
+            {"kind": "weight_quant", "method": "rtn", "bitz": 4},
+            "unknown field 'bitz'; did you mean 'bits'? (valid fields here: bits",
+        ),
         ({"kind": "kv_quant", "method": "quanto", "bits": 3}, "field 'bits'"),
         ({"kind": "kv_quant", "method": "fp8", "format": "e3m4"}, "field 'format'"),
         (

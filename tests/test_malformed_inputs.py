@@ -61,3 +61,21 @@ def test_validate_rejects_what_run_rejects(path: Path, tmp_path: Path) -> None:
     outcome = run_case(validating, tmp_path)
     assert outcome.code == case["exit"], outcome.err[-1000:]
     assert len(error_lines(outcome)) == 1 and "Traceback" not in outcome.err
+
+
+def test_a_full_disk_is_exit_3_supersedes_the_old_report_and_the_rerun_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text('{"pipeline": "corpus", "verdict": "pass", "stacks": []}', encoding="utf-8")
+    case = {"why": "the disk fills half way", "fault": "disk-full-after:20", "exit": 3}
+    path = tmp_path / "case.yaml"
+    path.write_text(yaml.safe_dump(case), encoding="utf-8")
+    full = run_case(path, tmp_path)
+    assert full.code == 3 and re.search(r"disk full writing .*out/.* bytes needed", error_lines(full)[0])
+    assert not (out / "report.json").exists(), "an old PASS must not outlive a run that died"
+    path.write_text(yaml.safe_dump({**case, "fault": None, "exit": 0}), encoding="utf-8")
+    freed = run_case(path, tmp_path)
+    assert freed.code == 0, freed.err[-2000:]
+    reused = re.search(r"(\d+) units measured, (\d+) reused", freed.out)
+    assert reused and int(reused.group(2)) >= 1, freed.out[-500:]  # the baseline finished before the disk filled
+    assert (out / "report.json").is_file()

@@ -128,8 +128,12 @@ def test_a_torn_lock_is_taken_over(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "secret"),
-    [("api_key", True), ("hf_token", True), ("client_secret", True), ("Authorization", True), ("password", True)]
-    + [
+    [
+        ("api_key", True),
+        ("hf_token", True),
+        ("client_secret", True),
+        ("Authorization", True),
+        ("password", True),
         ("per_token", False),
         ("max_tokens", False),
         ("api_key_env", False),
