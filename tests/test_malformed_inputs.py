@@ -79,3 +79,31 @@ def test_a_full_disk_is_exit_3_supersedes_the_old_report_and_the_rerun_resumes(t
     reused = re.search(r"(\d+) units measured, (\d+) reused", freed.out)
     assert reused and int(reused.group(2)) >= 1, freed.out[-500:]  # the baseline finished before the disk filled
     assert (out / "report.json").is_file()
+
+
+def test_a_second_run_into_a_busy_run_directory_exits_3_naming_the_first(tmp_path: Path) -> None:
+    """Two real processes into one --out: the second stops at once (exit 3, the first's PID); the
+    first finishes untouched, and its lock is gone after it."""
+    import subprocess
+    import sys
+    import time
+
+    from malformed_corpus import REPO, prepare
+
+    argv = prepare({"why": "first of two runs"}, tmp_path)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "qualgate", *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    lock = tmp_path / "out" / ".qualgate.lock"
+    deadline = time.monotonic() + 120
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert lock.exists(), "the first run never took the run directory"
+    case = tmp_path / "second.yaml"
+    case.write_text(yaml.safe_dump({"why": "second run", "exit": 3}), encoding="utf-8")
+    second = run_case(case, tmp_path)
+    _, err = first.communicate(timeout=600)
+    assert second.code == 3, second.err
+    assert f"in use by another qualgate run (pid {first.pid} on " in error_lines(second)[0]
+    assert first.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert not lock.exists() and (tmp_path / "out" / "report.json").is_file()
