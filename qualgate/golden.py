@@ -195,7 +195,9 @@ def read_manifest(golden_dir: Path) -> GoldenManifest:
     return manifest
 
 
-def identity_mismatches(manifest: GoldenManifest, model: ModelSpec, text: str, config: FidelityConfig) -> list[str]:
+def identity_mismatches(
+    manifest: GoldenManifest, model: ModelSpec, text: str, config: FidelityConfig, text_source: str | None = None
+) -> list[str]:
     """What differs between the golden baseline and the comparison about to use it."""
     problems = []
     if manifest.model["dtype"] != model.dtype:
@@ -205,18 +207,22 @@ def identity_mismatches(manifest: GoldenManifest, model: ModelSpec, text: str, c
         if stored.get(name) != current.get(name):
             what = "added" if name not in stored else "removed" if name not in current else "changed"
             problems.append(f"model file {name} {what}")
-    if manifest.text["sha256"] != text_identity(text)["sha256"]:
-        problems.append(f"text changed (sha256 {manifest.text['sha256'][:12]} -> {text_identity(text)['sha256'][:12]})")
+    recorded, now = manifest.text["sha256"], text_identity(text)["sha256"]
+    if recorded != now:
+        named = f"text {text_source} " if text_source else "text "
+        problems.append(f"{named}changed (sha256 {recorded[:12]} -> {now[:12]})")
     for key in IDENTITY_FIELDS:
         if manifest.fidelity.get(key) != getattr(config, key):
             problems.append(f"fidelity.{key} {manifest.fidelity.get(key)} -> {getattr(config, key)}")
     return problems
 
 
-def load(golden_dir: Path, model: ModelSpec, text: str, config: FidelityConfig) -> tuple[list[Chunk], TokenScores]:
+def load(
+    golden_dir: Path, model: ModelSpec, text: str, config: FidelityConfig, text_source: str | None = None
+) -> tuple[list[Chunk], TokenScores]:
     """The golden chunks and reference scores, after checking they belong to this comparison."""
     manifest = read_manifest(golden_dir)
-    problems = identity_mismatches(manifest, model, text, config)
+    problems = identity_mismatches(manifest, model, text, config, text_source)
     if problems:
         raise ConfigError(
             f"{golden_dir}: golden baseline does not match: {'; '.join(problems)}; "

@@ -56,7 +56,7 @@ def check_golden(pipeline: Pipeline, where: str) -> None:
         block_size=inst.block_size, kv_scoring=inst.kv_scoring, kv_block_size=inst.kv_block_size
     )
     text = golden.domain_text(golden_dir, manifest, inst.text)
-    golden.load(golden_dir, pipeline.model, text, config)
+    golden.load(golden_dir, pipeline.model, text, config, inst.text or manifest.text.get("source"))
     floors = noise_floor.floor_values(golden_dir)
     for metric, tiers in pipeline.gate.items():
         for threshold in (tiers.warn, tiers.fail):
