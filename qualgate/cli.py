@@ -76,6 +76,7 @@ def _quiet_libraries() -> None:
     """Keep the output parseable: libraries' import chatter and weight-loading bars go nowhere."""
     import logging
     import os
+    import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -85,6 +86,8 @@ def _quiet_libraries() -> None:
     # MLflow sets its own logger level at import from this variable (default INFO: migration chatter).
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # transformers 5.x renames a forward() argument and says so on every call: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
 
 
 def _crash_log(args: argparse.Namespace, exc: BaseException) -> Path | None:

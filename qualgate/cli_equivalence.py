@@ -117,7 +117,7 @@ def add_commands(commands: Any) -> None:
     eq.add_argument("--model", default="bundled:target")
     eq.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     eq.add_argument("--prompts", action="append", default=None, help="JSONL prompt set (repeatable)")
-    eq.add_argument("--max-new-tokens", type=int, default=48)
+    eq.add_argument("--max-new-tokens", type=int, default=EquivalenceConfig.model_fields["max_new_tokens"].default)
     eq.add_argument("--eps", type=float, default=0.125, help="top-2 margin (nats) of a near-tie")
     eq.add_argument(
         "--logprob-tolerance",

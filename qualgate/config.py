@@ -50,8 +50,8 @@ class FidelityInstrument(Strict):
 
 class EquivalenceInstrument(Strict):
     prompts: list[str] = Field(min_length=1)
-    max_new_tokens: int = Field(24, ge=1)
-    eps: float = Field(0.125, ge=0)
+    max_new_tokens: int = Field(EquivalenceConfig.model_fields["max_new_tokens"].default, ge=1)
+    eps: float = Field(EquivalenceConfig.model_fields["eps"].default, ge=0)
     # None: calibrated per check from the reference stack's own noise in the candidate's shapes.
     logprob_tolerance: float | None = Field(None, ge=0)
     tolerance_factor: float = Field(TOLERANCE_FACTOR, gt=0)

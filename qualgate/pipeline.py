@@ -43,11 +43,11 @@ from qualgate.layers import Layer
 from qualgate.plan import PlannedStack, plan
 from qualgate.preflight import preflight, probe_text_path
 from qualgate.redact import redact
+from qualgate.report_model import REPORT_VERSION
 from qualgate.stack import Stack
 from qualgate.stats import proportion
 from qualgate.store import RunStore, file_sha256, identity_key
 
-REPORT_VERSION = 1
 # Why a fidelity mean or its interval can be non-finite: what the gate names when it refuses one.
 _KL_CAUSE = (
     "a candidate log-probability was -inf or NaN (a token the stack cannot produce, or a numerical overflow), "

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
+from qualgate import report_model
 from qualgate.errors import ConfigError
-from qualgate.fsio import atomic_write_text, read_text, write_failure
-from qualgate.redact import show
+from qualgate.fsio import atomic_write_text, write_failure
 
 ICON = {"pass": "PASS", "inconclusive": "INCONCLUSIVE", "warn": "WARN", "fail": "FAIL", "error": "ERROR"}
 GITHUB_SUMMARY_LIMIT = 1 << 20  # GitHub drops step summaries over 1 MiB
@@ -329,6 +329,8 @@ def write(report: dict[str, Any], out_dir: Path) -> None:
     """report.json, summary.md and junit.xml, each replaced atomically (never a torn or half-new set:
     report.json, the file that says the run finished, is written last)."""
     report = _finite(report)
+    # A report qualgate built wrong is a bug (exit 4) and is never written: every report is valid.
+    report_model.Report.model_validate(report)
     text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
     summary = markdown(report)
     atomic_write_text(out_dir / "summary.md", summary)
@@ -358,7 +360,8 @@ def supersede(out_dir: Path) -> None:
 
 
 def read(run_dir: Path) -> dict[str, Any]:
-    """A finished run's report, or exit 2 naming the file and what to do."""
+    """A finished run's report (through the typed model: any known version), or exit 2 naming the file
+    and what to do."""
     path = run_dir / "report.json"
     if not path.is_file():
         if (run_dir / "records").is_dir():
@@ -367,21 +370,7 @@ def read(run_dir: Path) -> dict[str, Any]:
                 "failed); rerun the same qualgate run command to finish it"
             )
         raise ConfigError(f"{path} does not exist; run qualgate run --out {run_dir} first")
-    try:
-        report = json.loads(read_text(path, "report"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); rerun the pipeline to rewrite it"
-        ) from None
-    problems = [] if isinstance(report, dict) else ["not a JSON object"]
-    if not problems:
-        if report.get("verdict") not in ICON:
-            problems.append(f"verdict {show(report.get('verdict'))} is not one of {', '.join(ICON)}")
-        if not isinstance(report.get("stacks"), list) or not isinstance(report.get("pipeline"), str):
-            problems.append("'stacks' or 'pipeline' is missing")
-    if problems:
-        raise ConfigError(f"{path} is not a qualgate report ({'; '.join(problems)}); rerun the pipeline")
-    return report  # type: ignore[no-any-return]
+    return report_model.load(path).model_dump()
 
 
 def print_report(report: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ import pytest
 from qualgate import report
 from qualgate.errors import ConfigError
 from qualgate.gate import Finding, Policy, judge
+from qualgate.report_model import REPORT_VERSION
 
 PIPELINE = "nightly"
 NAN = float("nan")
@@ -76,6 +77,8 @@ def stack(
         "findings": findings,
         "reasons": [f"{f['instrument']}.{f['reason']}" for f in findings if f["status"] != "pass"],
         "instruments": {},
+        "layers": [],
+        "lossless": False,
     }
 
 
@@ -83,6 +86,7 @@ def make_report(
     stacks: list[dict[str, Any]], verdict: str, measured: str, inconclusive: int, policy: Policy = "warn"
 ) -> dict[str, Any]:
     return {
+        "report_version": REPORT_VERSION,
         "pipeline": PIPELINE,
         "verdict": verdict,
         "measured": measured,

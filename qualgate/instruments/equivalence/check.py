@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 class EquivalenceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_new_tokens: int = Field(48, ge=1)
+    # The one default for every caller (pipelines, `qualgate equivalence`): 24 tokens reach past the
+    # first near-tie of most prompts, at half the cost of 48.
+    max_new_tokens: int = Field(24, ge=1)
     eps: float = Field(0.125, ge=0, description="top-2 margin (nats) under which a divergence is a near-tie")
     logprob_tolerance: float | None = Field(
         None, ge=0, description="max |dlogprob| on the shared prefix; None: calibrated from the noise floor"
