@@ -169,3 +169,17 @@ def test_read_text_names_the_byte_and_line_of_bad_utf8(tmp_path: Path) -> None:
     path.write_bytes(b"ok\nca\xe9\n")
     with pytest.raises(ConfigError, match=r"is not UTF-8 \(byte 5, line 2\)"):
         read_text(path, "text")
+
+
+def test_a_tracking_store_that_cannot_be_written_is_exit_3_before_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qualgate.tracking.mlflow_log import check_uri
+
+    check_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    # Root writes anywhere, so the refusal a user meets (a read-only checkout) is simulated at os.access.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(InfrastructureError, match=r"is not writable, so MLflow cannot create or update mlflow\.db"):
+        check_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(ConfigError, match=r"MLflow has no store for scheme 'foo'"):
+        check_uri("foo://bar")
