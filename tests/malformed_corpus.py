@@ -13,7 +13,7 @@ A case file holds:
   message:   a regular expression the error line must match
   absent:    strings that must not appear in any output (secrets)
 `{dir}` in any string is the case's temporary directory. `python tests/malformed_corpus.py` prints
-each case's exit code and first error line: the table in the README's exit-code section.
+each case's exit code and first error line: the table in docs/exit-codes.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The demo ladder on real engines, managed by qualgate: llama.cpp in process (llama-cpp-python) and
 vLLM's CPU build over HTTP in its own environment; and endpoints the probe must refuse (exit 3).
 
-Engine baselines against the HF golden (documented in the README, measured on the bundled model):
+Engine baselines against the HF golden (documented in docs/engines.md, measured on the bundled model):
 llama.cpp f32 KL ~5e-8, vLLM float32 KL ~2.5e-9, same top-1 >= 0.999, PPL ratio 1 within 1e-3.
 """
 
@@ -103,7 +103,7 @@ def test_demo_ladder_on_llama_cpp(tmp_path: Path, llama_cpp_installed: None) -> 
     code = run_pipeline(path, tmp_path / "run")  # logged to the tests' MLflow store
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     found = stacks(report)
-    # Q4_K_M + q8_0 KV keeps ~94.9% of top-1 tokens (README, engine table): under warn 0.95, far from fail.
+    # Q4_K_M + q8_0 KV keeps ~94.9% of top-1 tokens (docs/engines.md, engine table): under warn 0.95, far from fail.
     assert verdicts(report)["gguf-q4_k_m+kv-q8_0"] == "warn"
     # Measured: WARN exit 0, the quantized stack's measured same-top-1 only; the f32 lossless singles pass
     # (llama.cpp's batched-verify drift stays inside the calibrated tolerance) and nothing is inconclusive.
@@ -168,7 +168,7 @@ def test_demo_ladder_on_managed_vllm(tmp_path: Path, vllm_env: Path, capsys: pyt
         assert "starting vllm server" not in capsys.readouterr().err, "finished stacks are reused, not rerun"
     report = json.loads((run / "report.json").read_text())
     # Measured on AVX2 (no FP8 KV): PASS exit 0, both lossless stacks token-identical. With an FP8 KV stack
-    # (AVX-512) its same-top-1 (0.949 in the README) sits at warn 0.95: the exit code follows the verdict.
+    # (AVX-512) its same-top-1 (0.949 in docs/engines.md) sits at warn 0.95: the exit code follows the verdict.
     lossless = {name: v for name, v in verdicts(report).items() if name != "kv-fp8-e4m3"}
     assert lossless == dict.fromkeys(("base", "spec-ngram4", "prefix-cache-block_size32"), "pass"), report["reasons"]
     assert code == exit_code_of(report) and (fp8 or (code == 0 and report["verdict"] == "pass")), report["verdict"]
