@@ -57,7 +57,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qualgate", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(
+        prog="qualgate",
+        description="Measure what an inference optimization stack (quantized weights, a quantized KV cache, "
+        "speculative decoding, prefix caching) costs in quality against the unoptimized model, and gate it.",
+        epilog="exit codes: 0 pass or warn, 1 the gate failed, 2 bad input (fix the named file or field), "
+        "3 infrastructure (disk, server, tracking store), 4 internal error (traceback in a log file). "
+        "Start with: qualgate run (the bundled demo), qualgate validate PIPELINE.",
+    )
     parser.add_argument("--version", action="version", version=f"qualgate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="list bundled models, backends and layers")
