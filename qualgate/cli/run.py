@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from qualgate import report as publish
-from qualgate.cli_tracking import track_run
 from qualgate.config import Pipeline, load_pipeline
 from qualgate.errors import EXIT_GATE_FAILED, EXIT_INFRASTRUCTURE, EXIT_PASS, ConfigError
 from qualgate.pipeline import Runner
 from qualgate.preflight import preflight
 from qualgate.progress import progress
 from qualgate.run_lock import LOCK_FILE, RunLock
+from qualgate.tracking.finish import track_run
 from qualgate.tracking.state import now_ms
 
 DEFAULT_PIPELINE = "pipelines/demo.yaml"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qualgate.backends import open_session
-from qualgate.cli_fidelity import parse_layer
+from qualgate.cli.fidelity import parse_layer
 from qualgate.golden import read_text_file
 from qualgate.instruments.equivalence import (
     EquivalenceConfig,

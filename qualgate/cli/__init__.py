@@ -20,35 +20,6 @@ from qualgate.redact import cap
 MESSAGE_LIMIT = 1000  # characters of an error line; echoed input inside it is capped at 200
 
 
-def _info(args: argparse.Namespace) -> int:
-    """What this installation offers: bundled models (with their card), backends and layers."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from qualgate.backends import BACKENDS
-    from qualgate.fixtures import BUNDLED_MODELS, model_card
-    from qualgate.layers import LAYER_KINDS, LAYERS
-
-    console = Console(no_color=args.no_color)
-    console.print(f"qualgate {__version__}")
-    card = model_card()
-    models = Table("bundled model", "parameters", "held-out ppl", title="fixture models (qualgate/fixtures)")
-    for name in BUNDLED_MODELS:
-        entry = card["models"][name]
-        models.add_row(f"bundled:{name}", f"{entry['parameters']:,}", f"{entry['heldout_ppl']:.2f}")
-    models.add_row("unigram (reference)", "-", f"{card['unigram_heldout_ppl']:.1f}")
-    console.print(models)
-    layers = Table("kind", "method", "lossless", "parameters (defaults)", title="layers")
-    for kind in LAYER_KINDS:
-        for method in LAYERS[kind].names():
-            cls = LAYERS[kind].get(method)
-            defaults = ", ".join(f"{k}={v.default!r}" for k, v in cls.Params.model_fields.items())
-            layers.add_row(kind, method, "yes" if cls.lossless else "no", defaults)
-    console.print(layers)
-    console.print("backends: " + ", ".join(BACKENDS.names()))
-    return 0
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with its usage error on one line (exit 2, like every other input mistake)."""
 
@@ -67,15 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"qualgate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    info = commands.add_parser("info", help="list bundled models, backends and layers")
-    info.add_argument("--no-color", action="store_true")
-    info.set_defaults(func=_info)
-    from qualgate import cli_equivalence, cli_fidelity, cli_run, cli_tracking
+    from qualgate.cli import equivalence, fidelity, info, run, tracking
 
-    cli_run.add_commands(commands)
-    cli_fidelity.add_commands(commands)
-    cli_equivalence.add_commands(commands)
-    cli_tracking.add_commands(commands)
+    info.add_commands(commands)
+    run.add_commands(commands)
+    fidelity.add_commands(commands)
+    equivalence.add_commands(commands)
+    tracking.add_commands(commands)
     return parser
 
 
