@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from qualgate import __version__, golden
 from qualgate.backends import BACKENDS, Session, open_session
+from qualgate.chunking import Chunk
 from qualgate.code_identity import class_identity
 from qualgate.config import Pipeline
 from qualgate.fsio import atomic_write, atomic_write_text
@@ -34,37 +34,35 @@ from qualgate.instruments.equivalence import (
     speculation_probes,
     without_generation_layers,
 )
-from qualgate.instruments.fidelity import compare, score_text
+from qualgate.instruments.fidelity import FidelityConfig, TokenScores, compare, score_text
 from qualgate.instruments.judge.client import JudgeClient, judge_identity
 from qualgate.instruments.judge.run import answers as judge_answers
 from qualgate.instruments.judge.run import load_prompts as load_judge_prompts
 from qualgate.instruments.judge.run import run_judge
-from qualgate.layers import Layer
-from qualgate.plan import PlannedStack, plan
+from qualgate.plan import plan
 from qualgate.preflight import preflight, probe_text_path
 from qualgate.redact import redact
 from qualgate.report_model import REPORT_VERSION
+from qualgate.run.compound import compound_table
+from qualgate.run.findings import stack_findings
+from qualgate.run.provenance import git_state
 from qualgate.stack import Stack
 from qualgate.stats import proportion
 from qualgate.store import RunStore, file_sha256, identity_key
 
-# Why a fidelity mean or its interval can be non-finite: what the gate names when it refuses one.
-_KL_CAUSE = (
-    "a candidate log-probability was -inf or NaN (a token the stack cannot produce, or a numerical overflow), "
-    "or fewer than 2 chunks were scored (no interval); check the stack's logits and the golden's max_chunks"
-)
 Progress = Callable[[str, int, int], None]
 
 
-def _git() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(
-            subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True).stdout.strip()
-        )
-        return {"commit": commit, "dirty": dirty}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
+@dataclass(frozen=True)
+class GoldenData:
+    """What a run reads from the golden once: its directory, chunking, chunks, reference scores and the
+    hash of scores.npz (part of every fidelity record's identity)."""
+
+    directory: Path
+    config: FidelityConfig
+    chunks: list[Chunk]
+    reference: TokenScores
+    scores_sha256: str
 
 
 class Runner:
@@ -91,7 +89,7 @@ class Runner:
             "code": class_identity(BACKENDS.get(pipeline.backend.name)),
         }
         self.planned = plan(pipeline, self.layers)
-        self._golden: tuple[Any, ...] | None = None
+        self._golden: GoldenData | None = None
         self._task_manager: Any = None
         # Every stack is compared with the same unoptimized model: its results are read once per run.
         self._baseline_benchmarks: dict[str, TaskResult] | None = None
@@ -107,7 +105,7 @@ class Runner:
         return key, record
 
     # -- fidelity ---------------------------------------------------------------------------------
-    def _golden_data(self) -> tuple[Any, ...]:
+    def _golden_data(self) -> GoldenData:
         """The golden's chunks, reference scores and scores hash, loaded once per run (record keys need them)."""
         if self._golden is None:
             inst = self.pipeline.instruments.fidelity
@@ -119,11 +117,18 @@ class Runner:
             )
             text = golden.domain_text(golden_dir, manifest, inst.text)
             chunks, reference = golden.load(golden_dir, self.pipeline.model, text, config)
-            self._golden = (golden_dir, config, chunks, reference, file_sha256(golden_dir / golden.SCORES))
+            self._golden = GoldenData(golden_dir, config, chunks, reference, file_sha256(golden_dir / golden.SCORES))
         return self._golden
 
     def fidelity(self, stack: Stack) -> dict[str, Any]:
-        golden_dir, config, chunks, reference, scores_sha = self._golden_data()
+        data = self._golden_data()
+        golden_dir, config, chunks, reference, scores_sha = (
+            data.directory,
+            data.config,
+            data.chunks,
+            data.reference,
+            data.scores_sha256,
+        )
         # Generation-time layers do not change the distribution: the stack without them is measured once.
         measured = without_generation_layers(stack)
         key, record = self._lookup(
@@ -304,93 +309,6 @@ class Runner:
             finding, tiers.warn if tiers else None, tiers.fail if tiers else None, self.pipeline.gate_inconclusive
         )
 
-    def findings(
-        self,
-        fidelity: dict[str, Any] | None,
-        equivalence: dict[str, Any] | None,
-        benchmarks: dict[str, Any] | None,
-        judged: dict[str, Any] | None = None,
-        decode: dict[str, Any] | None = None,
-        layers: tuple[Layer[Any], ...] = (),
-    ) -> list[Finding]:
-        found: list[Finding] = []
-
-        def estimate(instrument: str, metric: str, est: dict[str, Any], n: int | None, unit: str, **kw: Any) -> Finding:
-            return self._gated(Finding(instrument, metric, est["value"], est["low"], est["high"], n=n, unit=unit, **kw))
-
-        if fidelity is not None:
-            s = fidelity["summary"]
-            chunks = s.get("n_chunks")
-            found.append(estimate("fidelity", "kl_mean", s["kl_mean"], chunks, "chunks", cause=_KL_CAUSE))
-            found.append(estimate("fidelity", "ppl_ratio", s["ppl_ratio"], chunks, "chunks", cause=_KL_CAUSE))
-            found.append(estimate("fidelity", "same_top1", s["same_top1"], s.get("n_tokens"), "tokens"))
-        if decode is not None:
-            s = decode["summary"]
-            prompts = s.get("prompts")
-            found.append(estimate("fidelity", "decode_kl_mean", s["decode_kl_mean"], prompts, "prompts"))
-            if s.get("shape") is not None:
-                finding = estimate("fidelity", "shape_kl", s["shape"]["shape_kl"], prompts, "prompts")
-                if finding.status != "pass":
-                    # Shape dependence is the KV layer's property: name it, so a lossless layer stacked
-                    # on it is not blamed for the noise it inherits.
-                    kv = next((layer.name for layer in layers if layer.kind == "kv_quant"), "the kv_quant layer")
-                    finding = replace(
-                        finding,
-                        reason=f"{finding.reason} (KV layer '{kv}': its numbers depend on "
-                        "the block a token is written in)",
-                    )
-                found.append(finding)
-        if equivalence is not None:
-            s = equivalence["summary"]
-            divergences = float(s["real_divergences"])
-            found.append(self._gated(Finding("equivalence", "real_divergences", divergences, None, None)))
-            if s["problems"]:
-                found.append(
-                    Finding(
-                        "equivalence",
-                        "checks",
-                        float(len(s["problems"])),
-                        None,
-                        None,
-                        None,
-                        0,
-                        "fail",
-                        "; ".join(s["problems"]),
-                        gated="fail",
-                    )
-                )
-        for task in (benchmarks or {}).get("tasks", []):
-            if "recovery" in task:
-                # No flips at all: the interval is the exact zero-event bound, which narrows as 1/n.
-                flipped = task["flips_b"] + task["flips_c"]
-                cause = (
-                    f"baseline accuracy is {task['accuracy_baseline']['value']:g} on {task['n']} documents, so "
-                    "recovery (candidate / baseline accuracy) is undefined; use a task the baseline can solve"
-                )
-                found.append(
-                    estimate(
-                        f"benchmarks.{task['task']}",
-                        "recovery",
-                        task["recovery"],
-                        task["n"],
-                        "documents",
-                        interval="normal" if flipped else "zero-events",
-                        cause=cause,
-                    )
-                )
-        if judged is not None and "pairwise" in judged:
-            pairwise = judged["pairwise"]
-            cause = f"{pairwise.get('unparsed', 0)} of {pairwise['n'] + pairwise.get('unparsed', 0)} judgments unparsed"
-            finding = estimate("judge", "net_loss", pairwise["net_loss"], pairwise["n"], "prompts", cause=cause)
-            validity = judged.get("validity", {"valid": True, "reasons": []})
-            if not validity["valid"]:
-                # A biased judge's verdict is neither a pass nor a fail: say so, loudly.
-                reason = "; ".join(validity["reasons"])
-                found.append(replace(finding, status="warn", gated="warn", reason=f"net_loss invalid: {reason}"))
-            else:
-                found.append(finding)
-        return found
-
     def data_provenance(self, golden_manifest: dict[str, Any] | None) -> list[dict[str, str]]:
         """Every evaluation input by path and content hash (logged as MLflow datasets)."""
         data = []
@@ -400,7 +318,12 @@ class Runner:
             source = fidelity.text or text.get("source") or "(recorded text)"
             data.append({"name": "domain-text", "role": "fidelity", "source": source, "sha256": text["sha256"]})
             data.append(
-                {"name": "golden", "role": "fidelity", "source": fidelity.golden, "sha256": self._golden_data()[4]}
+                {
+                    "name": "golden",
+                    "role": "fidelity",
+                    "source": fidelity.golden,
+                    "sha256": self._golden_data().scores_sha256,
+                }
             )
 
         def on_disk(name: str, role: str, path: str) -> dict[str, str]:
@@ -544,7 +467,7 @@ class Runner:
             eq = self.equivalence(planned.stack)
             bench = self.benchmarks(planned.stack)
             judged = self.judge(planned.stack)
-            findings = self.findings(fid, eq, bench, judged, decode, planned.stack.layers)
+            findings = stack_findings(self._gated, fid, eq, bench, judged, decode, planned.stack.layers)
             outcome = verdict(findings)
             stacks.append(
                 {
@@ -581,7 +504,7 @@ class Runner:
             "reasons": [f"{s['name']}: {reason}" for s in stacks for reason in s["reasons"]],
             "provenance": {
                 "qualgate": __version__,
-                "git": _git(),
+                "git": git_state(),
                 "model": self.pipeline.model.model_dump(),
                 "model_files": self.pipeline.model.fingerprint(),
                 "golden": golden_manifest,
@@ -624,70 +547,4 @@ def _fidelity_view(record: dict[str, Any]) -> dict[str, Any]:
         **{k: s[k] for k in keep if k in s},
         "merged_mass": s.get("merged_mass", 0.0),
         "per_token": record["per_token"],
-    }
-
-
-COMPOUND_METRICS: dict[str, Callable[[dict[str, Any]], float]] = {
-    "kl_mean": lambda f: f["kl_mean"]["value"],
-    "ln_ppl_ratio": lambda f: f["ln_ppl_ratio"]["value"],
-    "top1_loss": lambda f: 1.0 - f["same_top1"]["value"],
-}
-
-
-def compound_table(planned: list[PlannedStack], stacks: list[dict[str, Any]]) -> dict[str, Any]:
-    """Degradation of every ladder step against the baseline and the previous step, of each layer alone,
-    and the interaction term: a stack's degradation minus the sum of its layers' single degradations."""
-    by_layers = {p.layer_names: s for p, s in zip(planned, stacks, strict=True)}
-
-    def metric(layer_names: tuple[str, ...], name: str) -> float | None:
-        stack = by_layers.get(layer_names)
-        if stack is None or "fidelity" not in stack["instruments"]:
-            return None
-        return COMPOUND_METRICS[name](stack["instruments"]["fidelity"])
-
-    baseline = {name: metric((), name) for name in COMPOUND_METRICS}
-    rows = []
-    previous: dict[str, float | None] = baseline
-    for p in planned:
-        if p.role != "ladder":
-            continue
-        row: dict[str, Any] = {"stack": by_layers[p.layer_names]["name"], "step": p.step, "layers": list(p.layer_names)}
-        values = {}
-        for name in COMPOUND_METRICS:
-            value = metric(p.layer_names, name)
-            base = baseline[name]
-            vs_base = None if value is None or base is None else value - base
-            prev = previous.get(name)
-            singles = [metric((layer,), name) for layer in p.layer_names]
-            single_sum = (
-                None
-                if any(v is None for v in singles) or base is None
-                else sum(v - base for v in singles if v is not None)
-            )
-            row[name] = {
-                "value": value,
-                "vs_baseline": vs_base,
-                "vs_previous": None if value is None or prev is None else value - prev,
-                "sum_of_singles": single_sum,
-                "interaction": None if vs_base is None or single_sum is None else vs_base - single_sum,
-            }
-            values[name] = value
-        rows.append(row)
-        previous = values
-    singles_rows = [
-        {
-            "stack": by_layers[p.layer_names]["name"],
-            "layer": p.layer_names[0],
-            **{name: metric(p.layer_names, name) for name in COMPOUND_METRICS},
-        }
-        for p in planned
-        if len(p.layer_names) == 1
-    ]
-    return {
-        "metrics": list(COMPOUND_METRICS),
-        "baseline": baseline,
-        "ladder": rows,
-        "singles": singles_rows,
-        "note": "vs_baseline and interaction use the metric minus its baseline value; ln_ppl_ratio adds "
-        "across layers, KL and top-1 loss approximately",
     }

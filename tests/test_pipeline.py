@@ -18,6 +18,7 @@ from helpers import pipeline_file as _pipeline
 from helpers import run_pipeline as _run
 
 from qualgate.cli import main
+from qualgate.report_model import REPORT_VERSION
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +31,7 @@ def test_two_bit_weights_fail_and_say_why(tmp_path: Path, capsys: pytest.Capture
     path = _pipeline(tmp_path, {"w2": {"kind": "weight_quant", "method": "rtn", "bits": 2}})
     assert _run(path, tmp_path / "run") == 1
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["verdict"] == "fail" and report["report_version"] == 1
+    assert report["verdict"] == "fail" and report["report_version"] == REPORT_VERSION == 2
     assert any(r.startswith("w2g128: fidelity.kl_mean upper bound") for r in report["reasons"])
     w2 = next(s for s in report["stacks"] if s["name"] == "w2g128")
     assert w2["verdict"] == "fail" and w2["layers"] == [

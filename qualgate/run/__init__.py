@@ -1,0 +1,1 @@
+"""Running a pipeline: the compound table, provenance (and, next, the runner loop)."""
