@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import numpy as np
 
 from qualgate import __version__, golden
 from qualgate.backends import BACKENDS, Session, open_session
-from qualgate.chunking import Chunk
 from qualgate.code_identity import class_identity
 from qualgate.config import Pipeline
 from qualgate.fsio import atomic_write, atomic_write_text
@@ -34,13 +32,13 @@ from qualgate.instruments.equivalence import (
     speculation_probes,
     without_generation_layers,
 )
-from qualgate.instruments.fidelity import FidelityConfig, TokenScores, compare, score_text
+from qualgate.instruments.fidelity import compare, score_text
 from qualgate.instruments.judge.client import JudgeClient, judge_identity
 from qualgate.instruments.judge.run import answers as judge_answers
 from qualgate.instruments.judge.run import load_prompts as load_judge_prompts
 from qualgate.instruments.judge.run import run_judge
 from qualgate.plan import plan
-from qualgate.preflight import preflight, probe_text_path
+from qualgate.preflight import Checked, GoldenData, load_golden, preflight, probe_text_path
 from qualgate.redact import redact
 from qualgate.report_model import REPORT_VERSION
 from qualgate.run.compound import compound_table
@@ -51,18 +49,6 @@ from qualgate.stats import proportion
 from qualgate.store import RunStore, file_sha256, identity_key
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class GoldenData:
-    """What a run reads from the golden once: its directory, chunking, chunks, reference scores and the
-    hash of scores.npz (part of every fidelity record's identity)."""
-
-    directory: Path
-    config: FidelityConfig
-    chunks: list[Chunk]
-    reference: TokenScores
-    scores_sha256: str
 
 
 class Runner:
@@ -108,35 +94,20 @@ class Runner:
     def _golden_data(self) -> GoldenData:
         """The golden's chunks, reference scores and scores hash, loaded once per run (record keys need them)."""
         if self._golden is None:
-            inst = self.pipeline.instruments.fidelity
-            assert inst is not None
-            golden_dir = Path(inst.golden)
-            manifest = golden.read_manifest(golden_dir)
-            config = manifest.fidelity_config(
-                block_size=inst.block_size, kv_scoring=inst.kv_scoring, kv_block_size=inst.kv_block_size
-            )
-            text = golden.domain_text(golden_dir, manifest, inst.text)
-            chunks, reference = golden.load(golden_dir, self.pipeline.model, text, config)
-            self._golden = GoldenData(golden_dir, config, chunks, reference, file_sha256(golden_dir / golden.SCORES))
+            self._golden = load_golden(self.pipeline)
+        assert self._golden is not None, "only a pipeline with a fidelity instrument reads its golden"
         return self._golden
 
     def fidelity(self, stack: Stack) -> dict[str, Any]:
         data = self._golden_data()
-        golden_dir, config, chunks, reference, scores_sha = (
-            data.directory,
-            data.config,
-            data.chunks,
-            data.reference,
-            data.scores_sha256,
-        )
         # Generation-time layers do not change the distribution: the stack without them is measured once.
         measured = without_generation_layers(stack)
         key, record = self._lookup(
             {
                 "instrument": "fidelity",
                 "stack": measured.identity(),
-                "config": config.model_dump(),
-                "golden": scores_sha,
+                "config": data.config.model_dump(),
+                "golden": data.scores_sha256,
             }
         )
         if record is not None:
@@ -144,15 +115,17 @@ class Runner:
         with self._open(measured) as session:
             progress = self.on_progress(f"fidelity {measured.name}") if self.on_progress else None
             checkpoint = self.store.chunks(key)
-            scores = score_text(session, chunks, config, reference=reference, on_chunk=progress, checkpoint=checkpoint)
-        result = compare(reference, scores)
+            scores = score_text(
+                session, data.chunks, data.config, reference=data.reference, on_chunk=progress, checkpoint=checkpoint
+            )
+        result = compare(data.reference, scores)
         buffer = io.BytesIO()
         save: Any = np.savez_compressed  # numpy's stub reads **arrays as its allow_pickle flag
         save(buffer, **result.per_token)
         atomic_write(self.samples / f"fidelity.{key}.npz", buffer.getvalue())
         record = {
             "stack": measured.name,
-            "golden": str(golden_dir),
+            "golden": str(data.directory),
             "summary": result.summary,
             "per_token": f"samples/fidelity.{key}.npz",
         }
@@ -455,9 +428,11 @@ class Runner:
         return summary
 
     # -- run ----------------------------------------------------------------------------------------
-    def run(self, preflighted: bool = False) -> dict[str, Any]:
-        if not preflighted:
-            preflight(self.pipeline, self.where)  # `qualgate run` has done it before taking the run directory
+    def run(self, checked: Checked | None = None) -> dict[str, Any]:
+        # `qualgate run` checks before it takes the run directory, and hands over what it opened.
+        checked = checked or preflight(self.pipeline, self.where)
+        if self._golden is None:
+            self._golden = checked.golden
         fidelity = self.pipeline.instruments.fidelity
         golden_manifest = golden.read_manifest(Path(fidelity.golden)).model_dump() if fidelity else None
         stacks: list[dict[str, Any]] = []

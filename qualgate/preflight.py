@@ -8,16 +8,20 @@ prompts and benchmark task directories. A mistake is exit 2 before minutes of sc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from qualgate import golden, noise_floor
 from qualgate.backends import get_backend
+from qualgate.chunking import Chunk
 from qualgate.config import Pipeline
 from qualgate.errors import ConfigError
-from qualgate.jsonl import read_prompt_rows
+from qualgate.instruments.fidelity import FidelityConfig, TokenScores
+from qualgate.jsonl import prompt_id, read_prompt_rows
 from qualgate.plan import PlannedStack, plan
 from qualgate.requirements import check_installed
 from qualgate.stack import Stack
+from qualgate.store import file_sha256
 
 
 def check_backend(pipeline: Pipeline, stacks: list[Stack], where: str) -> None:
@@ -45,23 +49,46 @@ def _unique_names(planned: list[PlannedStack], where: str) -> None:
         seen[p.stack.name] = p.layer_names
 
 
-def check_golden(pipeline: Pipeline, where: str) -> None:
-    """The golden opens whole and belongs to this comparison; the thresholds are above its noise floor."""
+@dataclass(frozen=True)
+class GoldenData:
+    """What a run reads from the golden once: its directory, chunking, chunks, reference scores and the
+    hash of scores.npz (part of every fidelity record's identity)."""
+
+    directory: Path
+    config: FidelityConfig
+    chunks: list[Chunk]
+    reference: TokenScores
+    scores_sha256: str
+
+
+def load_golden(pipeline: Pipeline) -> GoldenData | None:
+    """The golden the fidelity instrument compares with, opened whole and checked against this
+    comparison (model files, text, chunking); None without a fidelity instrument."""
     inst = pipeline.instruments.fidelity
     if inst is None:
-        return
+        return None
     golden_dir = Path(inst.golden)
     manifest = golden.read_manifest(golden_dir)
     config = manifest.fidelity_config(
         block_size=inst.block_size, kv_scoring=inst.kv_scoring, kv_block_size=inst.kv_block_size
     )
     text = golden.domain_text(golden_dir, manifest, inst.text)
-    golden.load(golden_dir, pipeline.model, text, config, inst.text or manifest.text.get("source"))
-    floors = noise_floor.floor_values(golden_dir)
+    source = inst.text or manifest.text.get("source")
+    chunks, reference = golden.load(golden_dir, pipeline.model, text, config, source)
+    return GoldenData(golden_dir, config, chunks, reference, file_sha256(golden_dir / golden.SCORES))
+
+
+def check_golden(pipeline: Pipeline, where: str) -> GoldenData | None:
+    """The golden opens whole and belongs to this comparison; the thresholds are above its noise floor."""
+    data = load_golden(pipeline)
+    if data is None:
+        return None
+    floors = noise_floor.floor_values(data.directory)
     for metric, tiers in pipeline.gate.items():
         for threshold in (tiers.warn, tiers.fail):
             if threshold is not None:
                 noise_floor.check_thresholds({metric: threshold}, floors, f"{where}: gate")
+    return data
 
 
 def probe_text_path(pipeline: Pipeline) -> str | None:
@@ -84,13 +111,13 @@ def check_prompts(pipeline: Pipeline, where: str) -> None:
         owner: dict[str, str] = {}
         for path in equivalence.prompts:
             for number, row in read_prompt_rows(Path(path)):
-                prompt_id = str(row.get("id", f"{Path(path).stem}-{number}"))
-                if prompt_id in owner and owner[prompt_id] != path:
+                name = prompt_id(Path(path), number, row)
+                if name in owner and owner[name] != path:
                     raise ConfigError(
-                        f"{where}: prompt id '{prompt_id}' is in both {owner[prompt_id]} and {path}; "
+                        f"{where}: prompt id '{name}' is in both {owner[name]} and {path}; "
                         "ids must be unique across instruments.equivalence.prompts"
                     )
-                owner[prompt_id] = path
+                owner[name] = path
         probe = probe_text_path(pipeline)
         if probe is not None:
             golden.read_text_file(probe)
@@ -107,14 +134,22 @@ def check_benchmarks(pipeline: Pipeline, where: str) -> None:
     task_manager(inst, where)  # every include directory indexed, every task found
 
 
-def preflight(pipeline: Pipeline, where: str) -> list[PlannedStack]:
+@dataclass(frozen=True)
+class Checked:
+    """What preflight found: the planned stacks, and the golden it opened (the run reuses it)."""
+
+    planned: list[PlannedStack]
+    golden: GoldenData | None
+
+
+def preflight(pipeline: Pipeline, where: str) -> Checked:
     """The planned stacks, once everything checkable without a model has been checked."""
     check_installed(pipeline, where)
     pipeline.model.local_path()  # a missing model directory, before any instrument needs it
     planned = plan(pipeline, pipeline.built_layers(where))
     _unique_names(planned, where)
     check_backend(pipeline, [p.stack for p in planned], where)
-    check_golden(pipeline, where)
+    golden_data = check_golden(pipeline, where)
     check_prompts(pipeline, where)
     check_benchmarks(pipeline, where)
-    return planned
+    return Checked(planned, golden_data)

@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and not (out / "records").is_dir():
         raise ConfigError(f"--resume: {out} holds no earlier run; drop --resume to start one")
     # Every check that needs no model, before the run directory is touched: exit 2 in seconds.
-    preflight(pipeline, str(path))
+    checked = preflight(pipeline, str(path))
     _tracking_uri(pipeline, args.tracking_uri, args.no_tracking, str(path))
 
     def bar(label: str) -> Any:
@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         publish.supersede(out)
         runner = Runner(pipeline, str(path), out, on_progress=bar)
         try:
-            result = runner.run(preflighted=True)
+            result = runner.run(checked)
         finally:
             # Managed engine servers stop with the run, whatever ended it (atexit is the backstop).
             from qualgate.engines.servers import POOL
@@ -101,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     where = args.pipeline
     pipeline = load_pipeline(Path(where))
-    stacks = preflight(pipeline, where)
+    stacks = preflight(pipeline, where).planned
     _tracking_uri(pipeline, None, False, where)
     print(f"{where}: valid; {len(stacks)} stacks: " + ", ".join(p.stack.name for p in stacks))
     return 0
