@@ -11,6 +11,11 @@ from qualgate.fsio import read_text
 from qualgate.redact import show
 
 
+def prompt_id(path: Path, number: int, row: dict[str, Any]) -> str:
+    """A prompt's id: its own, else the file's stem and its line number."""
+    return str(row.get("id", f"{path.stem}-{number}"))
+
+
 def read_prompt_rows(path: Path, what: str = "prompt set") -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line; each object needs a non-empty string 'prompt',
     and ids (given or the line's default) must be unique: results are keyed and resumed by them."""
@@ -29,10 +34,10 @@ def read_prompt_rows(path: Path, what: str = "prompt set") -> list[tuple[int, di
             raise ConfigError(f"{path}:{number}: 'prompt' is empty; give it text or delete the line")
         if "id" in row and not isinstance(row["id"], str | int):
             raise ConfigError(f"{path}:{number}: 'id' must be a string (got {show(row['id'])})")
-        prompt_id = str(row.get("id", f"{path.stem}-{number}"))
-        if prompt_id in ids:
-            raise ConfigError(f"{path}:{number}: id '{prompt_id}' is also on line {ids[prompt_id]}; ids must be unique")
-        ids[prompt_id] = number
+        name = prompt_id(path, number, row)
+        if name in ids:
+            raise ConfigError(f"{path}:{number}: id '{name}' is also on line {ids[name]}; ids must be unique")
+        ids[name] = number
         rows.append((number, row))
     if not rows:
         raise ConfigError(f"{what} '{path}' is empty; give it one JSON object per line")

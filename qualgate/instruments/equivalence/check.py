@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from qualgate.errors import ConfigError
 from qualgate.instruments.equivalence.probes import Prompt, prefix_coverage
 from qualgate.instruments.shapes import ShapeNoise, candidate_schedules, measure_shape_noise
-from qualgate.jsonl import read_prompt_rows
+from qualgate.jsonl import prompt_id, read_prompt_rows
 from qualgate.layers import LayerKind
 
 # The calibrated tolerance: the candidate's drift is the same kernel noise the calibration samples (every
@@ -58,9 +58,7 @@ class EquivalenceConfig(BaseModel):
 
 def load_prompts(path: Path) -> list[Prompt]:
     """JSONL with an `id` and a `prompt` per line; the file's stem is the prompts' group."""
-    return [
-        Prompt(str(row.get("id", f"{path.stem}-{n}")), row["prompt"], path.stem) for n, row in read_prompt_rows(path)
-    ]
+    return [Prompt(prompt_id(path, n, row), row["prompt"], path.stem) for n, row in read_prompt_rows(path)]
 
 
 @dataclass(frozen=True)

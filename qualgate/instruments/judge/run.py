@@ -13,7 +13,7 @@ from qualgate.instruments.judge import protocols
 from qualgate.instruments.judge.client import JudgeClient
 from qualgate.instruments.judge.config import JudgeConfig
 from qualgate.instruments.judge.stats import combine, grade_summary, pairwise_summary
-from qualgate.jsonl import read_prompt_rows
+from qualgate.jsonl import prompt_id, read_prompt_rows
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class JudgePrompt:
 def load_prompts(path: Path) -> list[JudgePrompt]:
     """JSONL: `id`, `prompt` and an optional `reference` answer per line."""
     return [
-        JudgePrompt(str(row.get("id", f"{path.stem}-{n}")), row["prompt"], row.get("reference"))
+        JudgePrompt(prompt_id(path, n, row), row["prompt"], row.get("reference"))
         for n, row in read_prompt_rows(path, "judge prompts")
     ]
 
