@@ -2,20 +2,25 @@
 
 from qualgate.backends import Backend, Generation, ScoreResult, Session, get_backend, open_session
 from qualgate.errors import ConfigError, InfrastructureError, QualgateError
+from qualgate.gate import Finding
+from qualgate.instruments import Instrument, register_instrument
 from qualgate.layers import Layer, build_layer, register_layer
 from qualgate.models import ModelSpec
+from qualgate.run.context import RunContext
 from qualgate.stack import Stack, build_stack
-
-__version__ = "0.1.0"
+from qualgate.version import __version__
 
 __all__ = [
     "Backend",
     "ConfigError",
+    "Finding",
     "Generation",
     "InfrastructureError",
+    "Instrument",
     "Layer",
     "ModelSpec",
     "QualgateError",
+    "RunContext",
     "ScoreResult",
     "Session",
     "Stack",
@@ -24,5 +29,6 @@ __all__ = [
     "build_stack",
     "get_backend",
     "open_session",
+    "register_instrument",
     "register_layer",
 ]

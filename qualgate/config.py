@@ -7,20 +7,19 @@ the fix.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, model_validator
 
 from qualgate.errors import ConfigError
-from qualgate.instruments.benchmarks.config import BenchmarksConfig
-from qualgate.instruments.equivalence import EquivalenceConfig
-from qualgate.instruments.equivalence.check import TOLERANCE_FACTOR, TOLERANCE_FLOOR
-from qualgate.instruments.judge.config import JudgeConfig
+from qualgate.gate import METRIC_DIRECTION
+from qualgate.instruments import Instrument, instruments_for
+from qualgate.instruments.base import INSTRUMENTS
 from qualgate.layers import Layer, build_layer
 from qualgate.models import ModelSpec
 from qualgate.redact import show
 from qualgate.registry import did_you_mean
-from qualgate.validation import describe
+from qualgate.validation import describe, validate
 from qualgate.yaml_file import load_yaml
 
 PIPELINE_VERSION = 1
@@ -40,47 +39,6 @@ class StackConfig(Strict):
     layers: list[str]
 
 
-class FidelityInstrument(Strict):
-    golden: str = Field(description="golden directory (qualgate golden record)")
-    text: str | None = Field(None, description="domain text; default: the path in the golden manifest")
-    block_size: int | None = Field(None, ge=1)
-    kv_scoring: Literal["serve", "blocks"] = "serve"
-    kv_block_size: int = Field(32, ge=1)
-
-
-class EquivalenceInstrument(Strict):
-    prompts: list[str] = Field(min_length=1)
-    max_new_tokens: int = Field(EquivalenceConfig.model_fields["max_new_tokens"].default, ge=1)
-    eps: float = Field(EquivalenceConfig.model_fields["eps"].default, ge=0)
-    # None: calibrated per check from the reference stack's own noise in the candidate's shapes.
-    logprob_tolerance: float | None = Field(None, ge=0)
-    tolerance_factor: float = Field(TOLERANCE_FACTOR, gt=0)
-    tolerance_floor: float = Field(TOLERANCE_FLOOR, ge=0)
-    # Prompt pairs built from domain text for prefix caching and acceptance groups for speculation.
-    probes: bool = True
-    probe_text: str | None = Field(None, description="text for the probes; default: the fidelity domain text")
-    # Greedy continuations of lossy stacks scored as they serve (per-step KL, shape dependence).
-    decode_path: bool = True
-
-    def config(self) -> EquivalenceConfig:
-        return EquivalenceConfig.model_validate(
-            {
-                "max_new_tokens": self.max_new_tokens,
-                "eps": self.eps,
-                "logprob_tolerance": self.logprob_tolerance,
-                "tolerance_factor": self.tolerance_factor,
-                "tolerance_floor": self.tolerance_floor,
-            }
-        )
-
-
-class Instruments(Strict):
-    fidelity: FidelityInstrument | None = None
-    equivalence: EquivalenceInstrument | None = None
-    benchmarks: BenchmarksConfig | None = None
-    judge: JudgeConfig | None = None
-
-
 class TrackingConfig(Strict):
     """Where the run is logged in MLflow (see qualgate.tracking)."""
 
@@ -95,25 +53,16 @@ class Threshold(Strict):
     fail: float | None = Field(default=None, allow_inf_nan=False)
 
 
-# A KV cache whose numbers depend on the block a token was written in: the KL between serving shapes of
-# one stack. A correct FP8 cache stays below 1e-4 on the bundled model (float32 kernels: ~1e-10); the
-# tiers are an order of magnitude under kl_mean's, because this is noise every stacked lossless layer
-# inherits, not the quantizer's accepted loss.
-SHAPE_KL_WARN = 0.001
-SHAPE_KL_FAIL = 0.01
-
-
-def default_gate() -> dict[str, Threshold]:
-    """The default starting tiers (tune per model family)."""
+def default_gate(plugins: tuple[type[Instrument[Any]], ...] = ()) -> dict[str, Threshold]:
+    """The starting tiers every registered instrument (and a pipeline's plug-ins) declares; tune them
+    per model family."""
+    kinds = [cls for _, cls in INSTRUMENTS.entries()] + [cls for cls in plugins if cls.name not in INSTRUMENTS]
     return {
-        "kl_mean": Threshold(warn=0.01, fail=0.05),
-        "same_top1": Threshold(warn=0.95, fail=0.90),
-        "ppl_ratio": Threshold(warn=1.15, fail=1.30),
-        "real_divergences": Threshold(fail=0),
-        "recovery": Threshold(warn=0.99, fail=0.97),
-        "net_loss": Threshold(warn=0.05, fail=0.10),
-        "shape_kl": Threshold(warn=SHAPE_KL_WARN, fail=SHAPE_KL_FAIL),
+        metric: Threshold(warn=warn, fail=fail) for cls in kinds for metric, (warn, fail) in cls.default_gate.items()
     }
+
+
+C = TypeVar("C", bound=BaseModel)
 
 
 InconclusivePolicy = Literal["pass", "warn", "fail"]
@@ -126,12 +75,41 @@ class Pipeline(Strict):
     backend: BackendConfig = BackendConfig()
     layers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     stacks: Literal["auto"] | list[StackConfig] = "auto"
-    instruments: Instruments = Instruments()
+    # Each section validated by its instrument's Config (a registered name, or a plug-in's import path).
+    instruments: dict[str, SerializeAsAny[BaseModel]] = Field(default_factory=dict)
     gate: dict[str, Threshold] = Field(default_factory=default_gate)
     # gate.inconclusive in the YAML: what a finding that crosses a threshold only for lack of samples
     # counts as. Kept beside the thresholds for the user, held apart from them here.
     gate_inconclusive: InconclusivePolicy = "warn"
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _instrument_sections(cls, data: Any, info: ValidationInfo) -> Any:
+        """Every `instruments:` section through its instrument's Config; the default gate includes the
+        plug-ins' own tiers."""
+        if not isinstance(data, dict) or not isinstance(data.get("instruments"), dict):
+            return data
+        where = (info.context or {}).get("where", "pipeline")
+        sections: dict[str, BaseModel] = {}
+        plugins: list[type[Instrument[Any]]] = []
+        for key, spec in data["instruments"].items():
+            try:
+                kinds = instruments_for(str(key))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            plugins += [k for k in kinds if ":" in str(key)]
+            if spec is None:
+                continue  # `fidelity:` left empty: the instrument is off
+            config = kinds[0].Config
+            sections[str(key)] = (
+                spec if isinstance(spec, config) else validate(config, spec, where, ("instruments", key))
+            )
+        data = {**data, "instruments": sections}
+        gate = data.get("gate", {})
+        if isinstance(gate, dict) and set(gate) <= {"inconclusive"}:
+            data["gate"] = {**default_gate(tuple(plugins)), **gate}  # `gate: {inconclusive: fail}` keeps them
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -145,26 +123,29 @@ class Pipeline(Strict):
                 data.pop("gate")
         return data
 
+    def config_of(self, kind: type[Instrument[C]]) -> C | None:
+        """The section an instrument reads, validated (None: the pipeline does not use it)."""
+        return cast(C | None, self.instruments.get(kind.section_key()))
+
+    def active_instruments(self) -> list[Instrument[Any]]:
+        """The instruments this pipeline runs, each with its section, in measuring order: the registered
+        ones in registration order, then plug-ins named by path in the order the file lists them."""
+        found: list[Instrument[Any]] = []
+        for _, kind in INSTRUMENTS.entries():
+            config = self.instruments.get(kind.section_key())
+            if config is not None and kind.enabled(config):
+                found.append(kind(config))
+        for key, config in self.instruments.items():
+            if ":" in key:
+                found += [kind(config) for kind in instruments_for(key) if kind.enabled(config)]
+        return found
+
     def built_layers(self, where: str) -> dict[str, Layer[Any]]:
         return {name: build_layer(spec, where=f"{where}: layers.{name}") for name, spec in self.layers.items()}
 
 
-GATE_METRICS = (
-    "kl_mean",
-    "same_top1",
-    "ppl_ratio",
-    "real_divergences",
-    "recovery",
-    "net_loss",
-    "shape_kl",
-    "decode_kl_mean",
-)
-
-
 def check_tier_order(metric: str, tiers: Threshold, where: str) -> None:
     """Warn comes before fail: a looser warn than fail would make the gate judge against the wrong tier."""
-    from qualgate.gate import METRIC_DIRECTION
-
     if tiers.warn is None or tiers.fail is None or tiers.warn == tiers.fail:
         return
     bigger_is_worse = METRIC_DIRECTION.get(metric, True)
@@ -189,13 +170,13 @@ def load_pipeline(path: Path) -> Pipeline:
     if policy not in ("pass", "warn", "fail"):
         raise ConfigError(f"{where}: gate.inconclusive must be pass, warn or fail (got {show(policy)})")
     try:
-        pipeline = Pipeline.model_validate(data)
+        pipeline = Pipeline.model_validate(data, context={"where": where})
     except ValidationError as exc:
         raise ConfigError(describe(exc, where, Pipeline)) from None
     for metric, tiers in pipeline.gate.items():
-        if metric not in GATE_METRICS:
+        if metric not in METRIC_DIRECTION:
             raise ConfigError(
-                f"{where}: gate.{metric} is not a gated metric; {did_you_mean(metric, list(GATE_METRICS))}"
+                f"{where}: gate.{metric} is not a gated metric; {did_you_mean(metric, list(METRIC_DIRECTION))}"
             )
         check_tier_order(metric, tiers, where)
     pipeline.built_layers(where)  # every layer is checked now, not halfway through a run
@@ -215,27 +196,11 @@ def load_pipeline(path: Path) -> Pipeline:
                         f"{where}: stacks[{i}].layers names '{name}', which is not in layers; "
                         f"{did_you_mean(name, list(pipeline.layers))}"
                     )
-    for inst_path in _paths(pipeline):
-        if not Path(inst_path).exists():
-            raise ConfigError(
-                f"{where}: file '{inst_path}' does not exist (paths are relative to the working "
-                "directory: run qualgate from the repository root)"
-            )
+    for instrument in pipeline.active_instruments():
+        for inst_path in instrument.inputs():
+            if not Path(inst_path).exists():
+                raise ConfigError(
+                    f"{where}: file '{inst_path}' does not exist (paths are relative to the working "
+                    "directory: run qualgate from the repository root)"
+                )
     return pipeline
-
-
-def _paths(pipeline: Pipeline) -> list[str]:
-    paths: list[str] = []
-    if pipeline.instruments.fidelity is not None:
-        paths.append(pipeline.instruments.fidelity.golden)
-        if pipeline.instruments.fidelity.text:
-            paths.append(pipeline.instruments.fidelity.text)
-    if pipeline.instruments.equivalence is not None:
-        paths.extend(pipeline.instruments.equivalence.prompts)
-        if pipeline.instruments.equivalence.probe_text:
-            paths.append(pipeline.instruments.equivalence.probe_text)
-    if pipeline.instruments.benchmarks is not None:
-        paths.extend(pipeline.instruments.benchmarks.include)
-    if pipeline.instruments.judge is not None:
-        paths.append(pipeline.instruments.judge.prompts)
-    return paths

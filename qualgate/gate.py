@@ -29,17 +29,9 @@ STATUS_ORDER = {"pass": 0, "warn": 1, "fail": 2}
 # How an interval's half-width shrinks as the sample grows, for n_needed: "normal" intervals by
 # 1/sqrt(n); "zero-events" ones (an exact bound after n trials without an event) as 1 - alpha^(1/n).
 IntervalKind = Literal["normal", "zero-events"]
-# metric -> bigger is worse
-METRIC_DIRECTION: dict[str, bool] = {
-    "kl_mean": True,
-    "ppl_ratio": True,
-    "same_top1": False,
-    "real_divergences": True,
-    "recovery": False,
-    "net_loss": True,
-    "shape_kl": True,
-    "decode_kl_mean": True,
-}
+# metric -> bigger is worse, for every metric an instrument declares (filled as instruments register:
+# qualgate.instruments.base). A metric no instrument declares is taken as bigger-is-worse.
+METRIC_DIRECTION: dict[str, bool] = {}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from qualgate import __version__
 from qualgate.chunking import Chunk
 from qualgate.errors import ConfigError
 from qualgate.fsio import read_text
@@ -28,6 +27,7 @@ from qualgate.instruments.fidelity import FidelityConfig, TokenScores, chunk_tex
 from qualgate.models import ModelSpec
 from qualgate.redact import cap, show
 from qualgate.validation import validate
+from qualgate.version import __version__
 
 if TYPE_CHECKING:
     from qualgate.backends.base import Session

@@ -63,6 +63,10 @@ class Registry(Generic[T]):
         except KeyError:
             raise ConfigError(f"unknown {self.what} '{name}'; {did_you_mean(name, list(self._entries))}") from None
 
+    def entries(self) -> list[tuple[str, T]]:
+        """(name, entry) in registration order."""
+        return list(self._entries.items())
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 

@@ -12,7 +12,9 @@ from xml.etree import ElementTree as ET
 
 from qualgate import report_model
 from qualgate.errors import ConfigError
+from qualgate.fmt import fmt
 from qualgate.fsio import atomic_write_text, write_failure
+from qualgate.instruments.base import publishers
 
 ICON = {"pass": "PASS", "inconclusive": "INCONCLUSIVE", "warn": "WARN", "fail": "FAIL", "error": "ERROR"}
 GITHUB_SUMMARY_LIMIT = 1 << 20  # GitHub drops step summaries over 1 MiB
@@ -31,17 +33,9 @@ def verdict_label(result: dict[str, Any]) -> str:
     return f"{label} ({count} inconclusive)"
 
 
-def _fmt(x: Any, digits: int = 4) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}"
-    return str(x)
-
-
 def _metric_cell(finding: dict[str, Any]) -> str:
-    interval = "" if finding["low"] is None else f" [{_fmt(finding['low'])}, {_fmt(finding['high'])}]"
-    return f"{_fmt(finding['value'])}{interval}"
+    interval = "" if finding["low"] is None else f" [{fmt(finding['low'])}, {fmt(finding['high'])}]"
+    return f"{fmt(finding['value'])}{interval}"
 
 
 def _worst_recovery(stack: dict[str, Any]) -> str:
@@ -51,61 +45,6 @@ def _worst_recovery(stack: dict[str, Any]) -> str:
         return "-"
     worst = min(found, key=lambda f: f["pessimistic"])
     return f"{worst['instrument'].removeprefix('benchmarks.')} {_metric_cell(worst)}"
-
-
-def _benchmark_lines(report: dict[str, Any]) -> list[str]:
-    rows = [
-        (stack["name"], task)
-        for stack in report["stacks"]
-        for task in stack.get("instruments", {}).get("benchmarks", {}).get("tasks", [])
-        if "recovery" in task
-    ]
-    if not rows:
-        return []
-    lines = [
-        "",
-        "### Benchmarks (paired with the baseline, per document)",
-        "",
-        "| stack | task | accuracy baseline -> candidate | recovery [95%] | flips b / c | McNemar p (Holm) |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, t in rows:
-        rec = t["recovery"]
-        lines.append(
-            f"| `{name}` | {t['task']} ({t['metric']}, n={t['n']}) | {_fmt(t['accuracy_baseline']['value'])} -> "
-            f"{_fmt(t['accuracy_candidate']['value'])} | {_fmt(rec['value'])} [{_fmt(rec['low'])}, "
-            f"{_fmt(rec['high'])}] | {t['flips_b']} / {t['flips_c']} | {_fmt(t['mcnemar_p'])} ({_fmt(t['holm_p'])}) |"
-        )
-    return lines
-
-
-def _judge_lines(report: dict[str, Any]) -> list[str]:
-    rows = [(s["name"], s["instruments"]["judge"]) for s in report["stacks"] if "judge" in s.get("instruments", {})]
-    if not rows:
-        return []
-    lines = [
-        "",
-        "### Judge (pairwise in both orders; an order-dependent verdict is a tie)",
-        "",
-        "| stack | win / tie / loss | net loss [95%] | position consistency | length delta | single-grade delta "
-        "(Wilcoxon p) | control / validity |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, j in rows:
-        p = j.get("pairwise", {})
-        net = p.get("net_loss", {})
-        single = j.get("single")
-        grade = f"{_fmt(single['mean_delta']['value'])} ({_fmt(single['wilcoxon_p'])})" if single else "-"
-        control = j.get("control")
-        valid = j.get("validity", {}).get("valid", True)
-        lines.append(
-            f"| `{name}` | {p.get('win', '-')} / {p.get('tie', '-')} / {p.get('loss', '-')} | "
-            f"{_fmt(net.get('value'))} [{_fmt(net.get('low'))}, {_fmt(net.get('high'))}] | "
-            f"{_fmt(p.get('position_consistency'))} | {_fmt(p.get('length_delta'))} | {grade} | "
-            f"{('even' if control['valid'] else 'UNEVEN') if control else '-'}"
-            f"{'' if valid else ' — finding INVALID: ' + '; '.join(j['validity']['reasons'])} |"
-        )
-    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -134,16 +73,13 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for row in compound["ladder"]:
             lines.append(
-                f"| {row['step']} | `{row['stack']}` | {_fmt(row['kl_mean']['vs_baseline'])} | "
-                f"{_fmt(row['kl_mean']['vs_previous'])} | {_fmt(row['kl_mean']['interaction'])} | "
-                f"{_fmt(row['ln_ppl_ratio']['vs_baseline'])} | {_fmt(row['top1_loss']['vs_baseline'])} |"
+                f"| {row['step']} | `{row['stack']}` | {fmt(row['kl_mean']['vs_baseline'])} | "
+                f"{fmt(row['kl_mean']['vs_previous'])} | {fmt(row['kl_mean']['interaction'])} | "
+                f"{fmt(row['ln_ppl_ratio']['vs_baseline'])} | {fmt(row['top1_loss']['vs_baseline'])} |"
             )
     lines += _inconclusive_lines(report)
-    lines += _equivalence_lines(report)
-    lines += _decode_path_lines(report)
-    lines += _benchmark_lines(report)
-    lines += _judge_lines(report)
-    lines += _loose_bound_notes(report)
+    for instrument in publishers(report):
+        lines += instrument.summary_lines(report)
     lines.append("")
     return "\n".join(lines)
 
@@ -163,100 +99,8 @@ def _inconclusive_lines(report: dict[str, Any]) -> list[str]:
     ]
     for name, f in rows:
         lines.append(
-            f"| `{name}` | {f['instrument']}.{f['metric']} | {_metric_cell(f)} | {_fmt(f['warn'])} / "
-            f"{_fmt(f['fail'])} | {_fmt(f.get('n'))} {f.get('unit', '')} | {_fmt(f.get('n_needed'))} |"
-        )
-    return lines
-
-
-def _equivalence_lines(report: dict[str, Any]) -> list[str]:
-    """Lossless layers: tokens, the calibrated tolerance and the drift it judged, probe coverage."""
-    rows = [
-        (s["name"], s["instruments"]["equivalence"])
-        for s in report["stacks"]
-        if "equivalence" in s.get("instruments", {})
-    ]
-    if not rows:
-        return []
-    lines = [
-        "",
-        "### Lossless layers (greedy equivalence)",
-        "",
-        "| stack | reference | exact | real div. | near-ties | noise floor p99.9 | tolerance (source) | "
-        "drift p50 / p99 / max | prefix coverage |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, eq in rows:
-        tolerance = eq.get("tolerance") or {}
-        noise = ((tolerance.get("noise_floor") or {}).get("logprob_delta") or {}).get("p99.9")
-        drift = eq.get("prefix_logprob_drift")
-        drift_cell = (
-            "-" if not drift else f"{_fmt(drift['p50'], 2)} / {_fmt(drift['p99'], 2)} / {_fmt(drift['max'], 2)}"
-        )
-        coverage = eq.get("coverage") or {}
-        cov = f"{coverage['crossed_differing_block']}/{coverage['lookups']}" if coverage else "-"
-        lines.append(
-            f"| `{name}` | `{eq['reference']}` | {eq['exact_match_rate']:.1%} | {eq['real_divergences']} | "
-            f"{eq['near_ties']} | {_fmt(noise, 2)} | {_fmt(eq['logprob_tolerance'], 2)} "
-            f"({tolerance.get('source', 'pipeline')}) | {drift_cell} | {cov} |"
-        )
-    return lines
-
-
-def _decode_path_lines(report: dict[str, Any]) -> list[str]:
-    """Lossy stacks along greedy continuations, decoded as served; shape dependence of KV layers."""
-    rows = [
-        (s["name"], s["instruments"]["decode_path"])
-        for s in report["stacks"]
-        if "decode_path" in s.get("instruments", {})
-    ]
-    if not rows:
-        return []
-    lines = [
-        "",
-        "### Decode path (greedy continuations, one token at a time through the cache)",
-        "",
-        "| stack | per-step KL [95%] | same top-1 | exact continuations | first divergence (median) | shape KL [95%] |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, d in rows:
-        kl = d["decode_kl_mean"]
-        shape = d.get("shape")
-        shape_cell = "-"
-        if shape:
-            est = shape["shape_kl"]
-            shape_cell = f"{_fmt(est['value'], 2)} [{_fmt(est['low'], 2)}, {_fmt(est['high'], 2)}]"
-        lines.append(
-            f"| `{name}` | {_fmt(kl['value'], 2)} [{_fmt(kl['low'], 2)}, {_fmt(kl['high'], 2)}] | "
-            f"{d['decode_same_top1']['value']:.1%} | {d['exact_match_rate']:.1%} | "
-            f"{_fmt(d['first_divergence']['median'], 3)} | {shape_cell} |"
-        )
-    return lines
-
-
-# KL over the reference's top-k plus one tail bucket understates the full KL by roughly the reference's
-# share of mass outside its top-k (tests/test_fidelity_crosschecks.py): say so when a stack's KL is
-# that bound (an HTTP engine returning only its own top-k, or a golden without a tail sample).
-LOOSE_TAIL_MASS = 0.05
-
-
-def _loose_bound_notes(report: dict[str, Any]) -> list[str]:
-    bounded = [
-        (stack["name"], fidelity)
-        for stack in report["stacks"]
-        if (fidelity := stack.get("instruments", {}).get("fidelity"))
-        and fidelity.get("kl_estimator", {}).get("kind", "bound") == "bound"
-    ]
-    if not bounded:
-        return []
-    names = ", ".join(f"`{name}`" for name, _ in bounded)
-    k, tail = bounded[0][1]["top_k"], bounded[0][1]["reference_tail_mass"]
-    why = bounded[0][1].get("kl_estimator", {}).get("why", "the golden has no tail sample")
-    lines = ["", f"> KL of {names} is a lower bound (top-{k} plus one tail bucket: {why}), not an estimate."]
-    if tail > LOOSE_TAIL_MASS:
-        lines.append(
-            f"> {tail:.0%} of the reference's probability lies outside its top-{k}, so it may be understated by "
-            "about that share: gate it with care, or score the stack in process against a golden with a tail sample."
+            f"| `{name}` | {f['instrument']}.{f['metric']} | {_metric_cell(f)} | {fmt(f['warn'])} / "
+            f"{fmt(f['fail'])} | {fmt(f.get('n'))} {f.get('unit', '')} | {fmt(f.get('n_needed'))} |"
         )
     return lines
 

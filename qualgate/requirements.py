@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from qualgate.config import Pipeline
 from qualgate.errors import MissingDependencyError
+
+if TYPE_CHECKING:
+    from qualgate.config import Pipeline
 
 
 @dataclass(frozen=True)
@@ -33,18 +36,14 @@ BACKEND_NEEDS: dict[str, tuple[Need, ...]] = {
     "openai": _HTTP,
     "vllm": _HTTP,
 }
-INSTRUMENT_NEEDS: dict[str, tuple[Need, ...]] = {
-    "benchmarks": (Need("lm_eval", "lm-eval", "lmeval", "the benchmarks instrument"),),
-    "judge": (Need("openai", "openai", "judge", "the judge instrument"),),
-}
 
 
 def needs(pipeline: Pipeline) -> list[Need]:
-    """Every optional package the pipeline's backend and instruments import (a plug-in backend: none known)."""
+    """Every optional package the pipeline's backend and instruments import (a plug-in backend: none known;
+    an instrument declares its own in `needs`)."""
     found = list(BACKEND_NEEDS.get(pipeline.backend.name, ()))
-    for name, instrument_needs in INSTRUMENT_NEEDS.items():
-        if getattr(pipeline.instruments, name) is not None:
-            found.extend(instrument_needs)
+    for instrument in pipeline.active_instruments():
+        found.extend(instrument.needs)
     return list(dict.fromkeys(found))
 
 

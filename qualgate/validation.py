@@ -77,13 +77,16 @@ def fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     return []
 
 
-def describe(exc: ValidationError, where: str, model: type[BaseModel] | None = None) -> str:
-    """One line: `where: problem; problem` (at most five, with alternatives of one union merged)."""
+def describe(
+    exc: ValidationError, where: str, model: type[BaseModel] | None = None, prefix: tuple[int | str, ...] = ()
+) -> str:
+    """One line: `where: problem; problem` (at most five, with alternatives of one union merged). `prefix`
+    is where `model` sits in the file (`instruments.fidelity`), for the paths the message names."""
     problems: dict[str, str] = {}  # path -> what is wrong there (first error wins for unknown/missing)
     wrong: dict[str, tuple[list[str], str]] = {}  # path -> (messages of each union branch, the input)
     for err in exc.errors():
         loc = _user_path(tuple(err["loc"]))
-        path = _field_path(loc)
+        path = _field_path((*prefix, *loc))
         field = str(loc[-1]) if loc else ""
         if err["type"] == "extra_forbidden":
             valid = fields_at(model, loc[:-1]) if model is not None else []
@@ -104,10 +107,11 @@ def describe(exc: ValidationError, where: str, model: type[BaseModel] | None = N
     return f"{where}: " + "; ".join(lines[:_MAX_PROBLEMS]) + more
 
 
-def validate(model: type[M], data: Mapping[str, Any], where: str) -> M:
+def validate(model: type[M], data: Mapping[str, Any], where: str, prefix: tuple[int | str, ...] = ()) -> M:
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: must be a mapping of fields (got {show(data)})")
+        at = f"{_field_path(prefix)} " if prefix else ""
+        raise ConfigError(f"{where}: {at}must be a mapping of fields (got {show(data)})")
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
-        raise ConfigError(describe(exc, where, model)) from None
+        raise ConfigError(describe(exc, where, model, prefix)) from None

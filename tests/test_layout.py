@@ -3,6 +3,7 @@ degradation (tags, counts, n_needed), built from a hand-made report without any 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from qualgate.gate import Finding, judge, verdict
@@ -49,3 +50,18 @@ def test_a_stack_warned_only_for_lack_of_samples_says_so_in_its_tags() -> None:
     assert (spec.tags["qualgate.verdict"], spec.tags["qualgate.measured"]) == ("warn", "pass")
     metrics = {key: value for key, value, _ in spec.metrics}
     assert metrics["gate/n_needed/fidelity.kl_mean"] == 64.0  # 16 x (0.004 / 0.002)^2
+
+
+def test_a_ladder_without_fidelity_numbers_draws_no_waterfall_and_a_single_step_has_no_interaction(
+    tmp_path: Path,
+) -> None:
+    from qualgate.tracking import plots
+
+    row = {"stack": "w2", "step": 1, "layers": ["w2"]}
+    empty = {"vs_baseline": None, "vs_previous": None, "interaction": None, "sum_of_singles": None}
+    report = {"pipeline": "p", "compound": {"baseline": {"kl_mean": None}, "ladder": [{**row, "kl_mean": empty}]}}
+    assert not plots.waterfall(report, "kl_mean", tmp_path / "none.png")  # no fidelity: nothing to draw
+    assert not (tmp_path / "none.png").exists()
+    scored = {"vs_baseline": 0.01, "vs_previous": 0.01, "interaction": None, "sum_of_singles": None}
+    report = {"pipeline": "p", "compound": {"baseline": {"kl_mean": 0.0}, "ladder": [{**row, "kl_mean": scored}]}}
+    assert plots.waterfall(report, "kl_mean", tmp_path / "one.png") and (tmp_path / "one.png").stat().st_size > 0

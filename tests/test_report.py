@@ -16,6 +16,8 @@ import pytest
 from qualgate import report
 from qualgate.errors import ConfigError
 from qualgate.gate import Finding, Policy, judge
+from qualgate.instruments import Benchmarks, DecodePath, Equivalence, Fidelity, Judge
+from qualgate.instruments.fidelity import instrument as fidelity_instrument
 from qualgate.report_model import REPORT_VERSION
 
 PIPELINE = "nightly"
@@ -769,7 +771,7 @@ def test_benchmark_lines_one_row_per_compared_task() -> None:
         passing("empty"),
     ]
     del stacks[-1]["instruments"]  # a stack without an instruments entry
-    assert report._benchmark_lines(make_report(stacks, "pass", "pass", 0)) == BENCH_HEADER + Q4_BENCH_ROWS
+    assert Benchmarks.summary_lines(make_report(stacks, "pass", "pass", 0)) == BENCH_HEADER + Q4_BENCH_ROWS
 
 
 def test_benchmark_lines_of_several_stacks_keep_their_order() -> None:
@@ -794,7 +796,7 @@ def test_benchmark_lines_of_several_stacks_keep_their_order() -> None:
         with_instruments(passing("q4"), benchmarks=Q4_BENCH),
         with_instruments(passing("q8"), benchmarks=q8_bench),
     ]
-    assert report._benchmark_lines(make_report(stacks, "pass", "pass", 0)) == [
+    assert Benchmarks.summary_lines(make_report(stacks, "pass", "pass", 0)) == [
         *BENCH_HEADER,
         *Q4_BENCH_ROWS,
         "| `q8` | mmlu (acc, n=14042) | 0.6543 -> 0.6543 | 1 [0.9877, 1.012] | 120 / 121 | 1e-05 (0.1235) |",
@@ -803,8 +805,8 @@ def test_benchmark_lines_of_several_stacks_keep_their_order() -> None:
 
 def test_benchmark_lines_without_any_compared_task_are_no_section() -> None:
     stacks = [with_instruments(passing("baseline", "baseline"), benchmarks=BASELINE_BENCH), passing("q4")]
-    assert report._benchmark_lines(make_report(stacks, "pass", "pass", 0)) == []
-    assert report._benchmark_lines(make_report([], "pass", "pass", 0)) == []
+    assert Benchmarks.summary_lines(make_report(stacks, "pass", "pass", 0)) == []
+    assert Benchmarks.summary_lines(make_report([], "pass", "pass", 0)) == []
 
 
 def pairwise(
@@ -887,7 +889,7 @@ def test_judge_lines_show_the_control_and_an_invalid_finding() -> None:
         passing("empty"),
     ]
     del stacks[-1]["instruments"]
-    assert report._judge_lines(make_report(stacks, "pass", "pass", 0)) == JUDGE_HEADER + JUDGE_ROWS
+    assert Judge.summary_lines(make_report(stacks, "pass", "pass", 0)) == JUDGE_HEADER + JUDGE_ROWS
 
 
 def test_judge_lines_an_invalid_finding_without_a_control_and_with_one_reason() -> None:
@@ -896,7 +898,7 @@ def test_judge_lines_an_invalid_finding_without_a_control_and_with_one_reason() 
         "validity": {"valid": False, "reasons": ["position consistency nan < 0.7: the verdicts follow the order"]},
     }
     stacks = [with_instruments(passing("spec"), judge=judge)]
-    assert report._judge_lines(make_report(stacks, "pass", "pass", 0)) == [
+    assert Judge.summary_lines(make_report(stacks, "pass", "pass", 0)) == [
         *JUDGE_HEADER,
         "| `spec` | 0 / 0 / 0 | nan [nan, nan] | nan | nan | - | - — finding INVALID: position consistency nan < "
         "0.7: the verdicts follow the order |",
@@ -905,7 +907,7 @@ def test_judge_lines_an_invalid_finding_without_a_control_and_with_one_reason() 
 
 def test_judge_lines_without_a_judge_are_no_section() -> None:
     stacks = [with_instruments(passing("q4"), fidelity={"top_k": 20}), passing("kv8")]
-    assert report._judge_lines(make_report(stacks, "pass", "pass", 0)) == []
+    assert Judge.summary_lines(make_report(stacks, "pass", "pass", 0)) == []
 
 
 NOISE_FLOOR = {
@@ -983,14 +985,14 @@ def test_equivalence_lines_tolerance_drift_and_coverage() -> None:
         with_instruments(passing("spec"), equivalence=SPEC_EQ),
         with_instruments(passing("old"), equivalence=OLD_EQ),
     ]
-    assert report._equivalence_lines(make_report(stacks, "pass", "pass", 0)) == EQ_HEADER + EQ_ROWS
+    assert Equivalence.summary_lines(make_report(stacks, "pass", "pass", 0)) == EQ_HEADER + EQ_ROWS
 
 
 def test_equivalence_lines_a_noise_floor_without_logprob_deltas_and_a_tolerance_of_none() -> None:
     partial = {**OLD_EQ, "tolerance": {"source": "calibrated", "noise_floor": {"positions": 0}}}
     unset = {**OLD_EQ, "tolerance": None, "prefix_logprob_drift": {}, "coverage": None}
     stacks = [with_instruments(passing("a"), equivalence=partial), with_instruments(passing("b"), equivalence=unset)]
-    assert report._equivalence_lines(make_report(stacks, "pass", "pass", 0)) == [
+    assert Equivalence.summary_lines(make_report(stacks, "pass", "pass", 0)) == [
         *EQ_HEADER,
         "| `a` | `ref` | 50.0% | 3 | 2 | - | 0.1 (calibrated) | - | - |",
         "| `b` | `ref` | 50.0% | 3 | 2 | - | 0.1 (pipeline) | - | - |",
@@ -999,7 +1001,7 @@ def test_equivalence_lines_a_noise_floor_without_logprob_deltas_and_a_tolerance_
 
 def test_equivalence_lines_without_an_equivalence_check_are_no_section() -> None:
     stacks = [with_instruments(passing("q4"), fidelity={"top_k": 20}), with_instruments(passing("kv8"))]
-    assert report._equivalence_lines(make_report(stacks, "pass", "pass", 0)) == []
+    assert Equivalence.summary_lines(make_report(stacks, "pass", "pass", 0)) == []
 
 
 def decode_summary(
@@ -1054,12 +1056,12 @@ def test_decode_path_lines_with_and_without_a_shape() -> None:
         with_instruments(passing("q4"), decode_path=Q4_DECODE),
         with_instruments(passing("q8"), decode_path=Q8_DECODE),
     ]
-    assert report._decode_path_lines(make_report(stacks, "pass", "pass", 0)) == DECODE_HEADER + DECODE_ROWS
+    assert DecodePath.summary_lines(make_report(stacks, "pass", "pass", 0)) == DECODE_HEADER + DECODE_ROWS
 
 
 def test_decode_path_lines_without_a_decode_path_are_no_section() -> None:
     stacks = [with_instruments(passing("prefix"), equivalence=PREFIX_EQ), with_instruments(passing("q4"))]
-    assert report._decode_path_lines(make_report(stacks, "pass", "pass", 0)) == []
+    assert DecodePath.summary_lines(make_report(stacks, "pass", "pass", 0)) == []
 
 
 def fidelity(top_k: int, tail: float, kind: str | None, why: str | None = None) -> dict[str, Any]:
@@ -1091,7 +1093,7 @@ def test_loose_bound_notes_name_every_bounded_stack_and_a_large_tail() -> None:
         passing("empty"),
     ]
     del stacks[-1]["instruments"]
-    assert report._loose_bound_notes(make_report(stacks, "pass", "pass", 0)) == [
+    assert Fidelity.summary_lines(make_report(stacks, "pass", "pass", 0)) == [
         "",
         f"> KL of `vllm`, `old` is a lower bound (top-20 plus one tail bucket: {HTTP_WHY}), not an estimate.",
         f"> 6% {TAIL_NOTE}",
@@ -1108,10 +1110,10 @@ def test_loose_bound_notes_name_every_bounded_stack_and_a_large_tail() -> None:
     ],
 )
 def test_loose_bound_notes_the_tail_line_only_above_the_loose_tail_mass(tail: float, notes: list[str]) -> None:
-    assert report.LOOSE_TAIL_MASS == 0.05
+    assert fidelity_instrument.LOOSE_TAIL_MASS == 0.05
     # no kl_estimator (an older report): a bound from a golden without a tail sample
     stacks = [with_instruments(passing("q4"), fidelity=fidelity(20, tail, None))]
-    assert report._loose_bound_notes(make_report(stacks, "pass", "pass", 0)) == [
+    assert Fidelity.summary_lines(make_report(stacks, "pass", "pass", 0)) == [
         "",
         "> KL of `q4` is a lower bound (top-20 plus one tail bucket: the golden has no tail sample), not an estimate.",
         *notes,
@@ -1122,7 +1124,7 @@ def test_loose_bound_notes_a_bound_without_a_why_and_an_estimator_without_a_kind
     no_kind = fidelity(20, 0.01, None)
     no_kind["kl_estimator"] = {"tail_samples": 0}
     stacks = [with_instruments(passing("q4"), fidelity=no_kind)]
-    assert report._loose_bound_notes(make_report(stacks, "pass", "pass", 0)) == [
+    assert Fidelity.summary_lines(make_report(stacks, "pass", "pass", 0)) == [
         "",
         "> KL of `q4` is a lower bound (top-20 plus one tail bucket: the golden has no tail sample), not an estimate.",
     ]
@@ -1134,8 +1136,8 @@ def test_loose_bound_notes_without_a_bounded_kl_are_none() -> None:
         with_instruments(passing("q4"), fidelity={}),  # an empty fidelity view is no fidelity
         with_instruments(passing("prefix"), equivalence=PREFIX_EQ),
     ]
-    assert report._loose_bound_notes(make_report(stacks, "pass", "pass", 0)) == []
-    assert report._loose_bound_notes(make_report([], "pass", "pass", 0)) == []
+    assert Fidelity.summary_lines(make_report(stacks, "pass", "pass", 0)) == []
+    assert Fidelity.summary_lines(make_report([], "pass", "pass", 0)) == []
 
 
 def recovery(task: str, value: float, low: float, high: float) -> dict[str, Any]:
@@ -1211,17 +1213,17 @@ def test_markdown_puts_every_section_in_its_place() -> None:
         "",
         INCONCLUSIVE_HEADER,
         "| `kv8` | fidelity.kl_mean | 0.008123 [0.004, 0.012] | 0.01 / 0.02 | 16 chunks | 69 |",
-        *EQ_HEADER,
-        EQ_ROWS[0],
+        "",
+        f"> KL of `kv8` is a lower bound (top-20 plus one tail bucket: {HTTP_WHY}), not an estimate.",
+        f"> 6% {TAIL_NOTE}",
         *DECODE_HEADER,
         DECODE_ROWS[0],
+        *EQ_HEADER,
+        EQ_ROWS[0],
         *BENCH_HEADER,
         *(row.replace("`q4`", "`kv8`") for row in Q4_BENCH_ROWS),
         *JUDGE_HEADER,
         JUDGE_ROWS[0].replace("`spec`", "`prefix`"),
-        "",
-        f"> KL of `kv8` is a lower bound (top-20 plus one tail bucket: {HTTP_WHY}), not an estimate.",
-        f"> 6% {TAIL_NOTE}",
         "",
     ]
     assert report.markdown(doc) == "\n".join(expected)

@@ -121,6 +121,11 @@ class Session(ABC):
         """Counters of the stack's layers since the session opened (acceptance, cache hits)."""
         return {}
 
+    def provenance(self) -> dict[str, Any] | None:
+        """What the session found out about its engine that belongs in the report (an HTTP endpoint's
+        capability probe); None when there is nothing to say."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the engine."""
 

@@ -212,6 +212,9 @@ class OpenAISession(TokenizedSession):
             stats = {k: v for k, v in stats.items() if not k.startswith("prefix_")}
         return stats
 
+    def provenance(self) -> dict[str, Any] | None:
+        return None if self.probe is None else self.probe.as_dict()
+
     def close(self) -> None:
         if self.on_close is not None:
             self.on_close()

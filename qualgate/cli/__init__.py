@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from qualgate import __version__
 from qualgate.errors import EXIT_INTERNAL, QualgateError
 from qualgate.redact import cap
+from qualgate.version import __version__
 
 MESSAGE_LIMIT = 1000  # characters of an error line; echoed input inside it is capped at 200
 

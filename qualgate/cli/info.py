@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qualgate import __version__
+from qualgate.version import __version__
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -10,9 +10,9 @@ from typing import Any
 from qualgate import report as publish
 from qualgate.config import Pipeline, load_pipeline
 from qualgate.errors import EXIT_GATE_FAILED, EXIT_INFRASTRUCTURE, EXIT_PASS, ConfigError
-from qualgate.pipeline import Runner
 from qualgate.preflight import preflight
 from qualgate.progress import progress
+from qualgate.run.runner import Runner
 from qualgate.run_lock import LOCK_FILE, RunLock
 from qualgate.tracking.finish import track_run
 from qualgate.tracking.state import now_ms
@@ -79,13 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             _fresh(out)
         publish.supersede(out)
         runner = Runner(pipeline, str(path), out, on_progress=bar)
-        try:
-            result = runner.run(checked)
-        finally:
-            # Managed engine servers stop with the run, whatever ended it (atexit is the backstop).
-            from qualgate.engines.servers import POOL
-
-            POOL.stop_all()
+        result = runner.run(checked)  # managed engine servers stop with it, whatever ends it
         publish.write(result, out)
     publish.print_report(result)
     print(

@@ -1,1 +1,27 @@
-"""Instruments: ways of measuring quality on a session (fidelity, equivalence, benchmarks, judge)."""
+"""Instruments: ways of measuring a stack against the unoptimized model (base.py: the extension point).
+
+The built-ins register here with the same call a plug-in uses, in the order they measure, report and
+are logged: fidelity, decode path, equivalence, benchmarks, judge (docs/extending.md adds one).
+"""
+
+from qualgate.instruments.base import INSTRUMENTS, Instrument, instruments_for, register_instrument
+from qualgate.instruments.benchmarks.instrument import Benchmarks
+from qualgate.instruments.decode_path.instrument import DecodePath
+from qualgate.instruments.equivalence.instrument import Equivalence
+from qualgate.instruments.fidelity.instrument import Fidelity
+from qualgate.instruments.judge.instrument import Judge
+
+for _builtin in (Fidelity, DecodePath, Equivalence, Benchmarks, Judge):
+    register_instrument(_builtin)
+
+__all__ = [
+    "INSTRUMENTS",
+    "Benchmarks",
+    "DecodePath",
+    "Equivalence",
+    "Fidelity",
+    "Instrument",
+    "Judge",
+    "instruments_for",
+    "register_instrument",
+]

@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qualgate.tracking.layout import ESTIMATES
 from qualgate.tracking.mlflow_log import Tracker
 
-COMPARED = (*ESTIMATES, "real_divergences")
+# The headline estimates of every stack, compared run against run.
+COMPARED = ("kl_mean", "ppl_ratio", "ln_ppl_ratio", "same_top1", "real_divergences")
 
 
 @dataclass

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qualgate.instruments.base import publishers
 from qualgate.tracking import plots
 from qualgate.tracking.layout import build_layout
 from qualgate.tracking.mlflow_log import Tracker, TrackingError
@@ -64,37 +64,6 @@ def _findings_table(report: dict[str, Any]) -> dict[str, list[Any]]:
     return {c: [row.get(c) for row in rows] for c in columns}
 
 
-def _per_token_table(path: Path) -> Any:
-    import pandas as pd
-
-    with np.load(path) as data:
-        return pd.DataFrame({key: data[key] for key in data.files})
-
-
-def _divergence_table(divergences: list[dict[str, Any]]) -> Any:
-    import pandas as pd
-
-    from qualgate.instruments.equivalence import Divergence
-
-    columns = list(Divergence.__dataclass_fields__)  # an empty list still gets its columns in the UI
-    return pd.DataFrame([{c: d.get(c) for c in columns} for d in divergences], columns=columns)
-
-
-def _benchmark_samples(path: Path) -> list[dict[str, Any]]:
-    import pandas as pd
-
-    if not path.is_file():
-        return []
-    tasks = json.loads(path.read_text(encoding="utf-8"))
-    return [{"task": t["task"], "table": pd.DataFrame(t["samples"])} for t in tasks]
-
-
-def _flips_table(flips: list[dict[str, Any]]) -> Any:
-    import pandas as pd
-
-    return pd.DataFrame(flips, columns=["task", "doc_id", "kind", "baseline", "candidate"])
-
-
 def upload(run_dir: Path, report: dict[str, Any], state: TrackingState, uri: str, experiment: str) -> tuple[str, bool]:
     """Log RUN_DIR to MLflow (once; see Tracker.upload) and record the outcome in tracking.json."""
     state.uri, state.experiment = uri, experiment
@@ -109,25 +78,16 @@ def upload(run_dir: Path, report: dict[str, Any], state: TrackingState, uri: str
             tracker.log_artifact(parent_id, image, PLOTS_DIR)
         tracker.log_table(parent_id, _findings_table(report), "tables/findings.json")
         tracker.log_datasets(parent_id, report["provenance"].get("data", []), Path.cwd())
+        known = {cls.name: cls for cls in publishers(report)}
         for stack_run in layout.stacks:
             child_id, stack = child_ids[stack_run.spec.name], stack_run.stack
-            fidelity = stack["instruments"].get("fidelity")
-            if fidelity and fidelity.get("per_token") and (run_dir / fidelity["per_token"]).is_file():
-                tracker.log_table(
-                    child_id, _per_token_table(run_dir / fidelity["per_token"]), "tables/fidelity_tokens.json"
-                )
-            equivalence = stack["instruments"].get("equivalence")
-            if equivalence is not None:
-                tracker.log_table(
-                    child_id, _divergence_table(equivalence.get("divergences", [])), "tables/divergences.json"
-                )
-            benchmarks = stack["instruments"].get("benchmarks")
-            if benchmarks is not None:
-                for task in _benchmark_samples(run_dir / benchmarks["samples"]):
-                    tracker.log_table(child_id, task["table"], f"tables/benchmarks_{task['task']}.json")
-                flips = [{"task": t, **f} for t, rows in benchmarks.get("flips", {}).items() for f in rows]
-                tracker.log_table(child_id, _flips_table(flips), "tables/benchmark_flips.json")
-                tracker.log_artifact(child_id, run_dir / benchmarks["samples"], "samples")
+            for name, section in stack["instruments"].items():
+                kind = known.get(name)
+                for artifact, table in (kind.mlflow_tables(section, run_dir) if kind else {}).items():
+                    if isinstance(table, Path):  # a file, under the artifact path's folder
+                        tracker.log_artifact(child_id, table, str(Path(artifact).parent))
+                    else:
+                        tracker.log_table(child_id, table, artifact)
             tracker.log_datasets(child_id, report["provenance"].get("data", []), Path.cwd())
 
     try:

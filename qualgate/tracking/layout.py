@@ -1,4 +1,5 @@
 """What a finished run looks like in MLflow, computed from report.json alone (no MLflow import here).
+Each instrument says how its section is logged (Instrument.mlflow_metrics and mlflow_params).
 
 One parent run per `qualgate run`, one child per stack. Metric names use `/` (`fidelity/kl_mean`,
 `equivalence/real_divergences`, `compound/kl_mean_vs_baseline`): MLflow's UI groups charts by the part
@@ -15,19 +16,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from qualgate.instruments.base import Instrument, numeric_leaves, publishers
+
 # MLflow limits: keys <= 250 chars, param values <= 6,000, tag values kept well under that.
 MAX_VALUE = 5000
-ESTIMATES = ("kl_mean", "ppl_ratio", "ln_ppl_ratio", "same_top1")
-FIDELITY_SCALARS = (
-    "ppl_reference",
-    "ppl_candidate",
-    "dp_rms",
-    "nll_correlation",
-    "reference_tail_mass",
-    "merged_mass",
-    "n_tokens",
-)
-EQUIVALENCE_SCALARS = ("exact_match_rate", "real_divergences", "near_ties", "samples", "max_prefix_logprob_diff")
 COMPOUND_PARTS = ("vs_baseline", "vs_previous", "interaction", "sum_of_singles")
 VERDICT_LEVEL = {"pass": 0, "warn": 1, "fail": 2}
 
@@ -68,11 +60,6 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def bucket_key(bucket: str) -> str:
-    """`[0.25,0.5)` -> `0.25-0.5`: MLflow keys allow only letters, digits, `_-. /`."""
-    return bucket.strip("[]()").replace(",", "-")
-
-
 def layer_params(stack: dict[str, Any]) -> dict[str, str]:
     """`layers.<name>.<field>` for every layer field, plus the stack's shape."""
     params = {
@@ -87,24 +74,12 @@ def layer_params(stack: dict[str, Any]) -> dict[str, str]:
     return params
 
 
-def _estimates(spec: RunSpec, prefix: str, summary: dict[str, Any], step: int) -> None:
-    for name in ESTIMATES:
-        estimate = summary.get(name)
-        if isinstance(estimate, dict):
-            spec.metric(f"{prefix}/{name}", estimate.get("value"), step)
-            spec.metric(f"{prefix}/{name}_low", estimate.get("low"), step)
-            spec.metric(f"{prefix}/{name}_high", estimate.get("high"), step)
-
-
-def _numeric_tree(spec: RunSpec, prefix: str, tree: dict[str, Any], step: int) -> None:
-    for key, value in sorted(tree.items()):
-        if isinstance(value, dict):
-            _numeric_tree(spec, f"{prefix}/{key}", value, step)
-        else:
-            spec.metric(f"{prefix}/{key}", value, step)
-
-
-def stack_spec(stack: dict[str, Any], compound_row: dict[str, Any] | None, common: dict[str, str]) -> RunSpec:
+def stack_spec(
+    stack: dict[str, Any],
+    compound_row: dict[str, Any] | None,
+    common: dict[str, str],
+    instruments: list[type[Instrument[Any]]] | None = None,
+) -> RunSpec:
     step = int(stack["step"])
     spec = RunSpec(
         name=stack["name"],
@@ -120,75 +95,15 @@ def stack_spec(stack: dict[str, Any], compound_row: dict[str, Any] | None, commo
         },
         params=layer_params(stack),
     )
-    fidelity = stack["instruments"].get("fidelity")
-    if fidelity:
-        _estimates(spec, "fidelity", fidelity, step)
-        for name in FIDELITY_SCALARS:
-            spec.metric(f"fidelity/{name}", fidelity.get(name), step)
-        for name, value in fidelity.get("kl_percentiles", {}).items():
-            spec.metric(f"fidelity/kl_{name}", value, step)
-        for bucket in fidelity.get("kl_by_confidence", []):
-            spec.metric(f"fidelity/kl_confidence_{bucket_key(bucket['bucket'])}", bucket["kl_mean"], step)
-        spec.params["fidelity.top_k"] = str(fidelity.get("top_k"))
-    equivalence = stack["instruments"].get("equivalence")
-    if equivalence:
-        for name in EQUIVALENCE_SCALARS:
-            spec.metric(f"equivalence/{name}", equivalence.get(name), step)
-        _numeric_tree(spec, "equivalence", equivalence.get("layer_stats", {}), step)
-        _numeric_tree(spec, "equivalence/drift", equivalence.get("prefix_logprob_drift") or {}, step)
-        tolerance = equivalence.get("tolerance") or {}
-        spec.metric("equivalence/tolerance", equivalence.get("logprob_tolerance"), step)
-        noise = (tolerance.get("noise_floor") or {}).get("logprob_delta") or {}
-        _numeric_tree(spec, "equivalence/noise_floor", noise, step)
-        if tolerance.get("source"):
-            spec.params["equivalence.tolerance_source"] = str(tolerance["source"])
-        coverage = equivalence.get("coverage") or {}
-        spec.metric("equivalence/prefix_coverage", coverage.get("crossed_differing_block"), step)
-        for group, stats in (equivalence.get("groups") or {}).items():
-            _numeric_tree(spec, f"equivalence/group/{group.replace(':', '_')}", stats, step)
-        spec.params["equivalence.reference"] = short(equivalence.get("reference"))
-    decode = stack["instruments"].get("decode_path")
-    if decode:
-        for name in ("decode_kl_mean", "decode_same_top1"):
-            for part, suffix in (("value", ""), ("low", "_low"), ("high", "_high")):
-                spec.metric(f"decode_path/{name.removeprefix('decode_')}{suffix}", decode[name].get(part), step)
-        spec.metric("decode_path/kl_max", decode.get("decode_kl_max"), step)
-        spec.metric("decode_path/exact_match_rate", decode.get("exact_match_rate"), step)
-        spec.metric("decode_path/first_divergence_median", decode["first_divergence"].get("median"), step)
-        shape = decode.get("shape")
-        if shape:
-            for part, suffix in (("value", ""), ("low", "_low"), ("high", "_high")):
-                spec.metric(f"decode_path/shape_kl{suffix}", shape["shape_kl"].get(part), step)
-            _numeric_tree(spec, "decode_path/shape_logprob_delta", shape.get("logprob_delta") or {}, step)
-    benchmarks = stack["instruments"].get("benchmarks")
-    for task in (benchmarks or {}).get("tasks", []):
-        prefix = f"benchmarks/{task['task']}"
-        for name in ("accuracy_baseline", "accuracy_candidate", "difference", "recovery"):
-            if name in task:
-                spec.metric(f"{prefix}/{name}", task[name].get("value"), step)
-                spec.metric(f"{prefix}/{name}_low", task[name].get("low"), step)
-                spec.metric(f"{prefix}/{name}_high", task[name].get("high"), step)
-        for name in ("flips_b", "flips_c", "flip_rate", "mcnemar_p", "holm_p", "n"):
-            spec.metric(f"{prefix}/{name}", task.get(name), step)
-    judged = stack["instruments"].get("judge")
-    if judged:
-        pairwise = judged.get("pairwise", {})
-        for name in ("win", "tie", "loss", "unparsed", "position_consistency", "length_delta"):
-            spec.metric(f"judge/{name}", pairwise.get(name), step)
-        if "net_loss" in pairwise:
-            for part, suffix in (("value", ""), ("low", "_low"), ("high", "_high")):
-                spec.metric(f"judge/net_loss{suffix}", pairwise["net_loss"][part], step)
-        for kind in ("single", "reference"):
-            if kind in judged:
-                spec.metric(f"judge/{kind}_mean_delta", judged[kind]["mean_delta"]["value"], step)
-                spec.metric(f"judge/{kind}_wilcoxon_p", judged[kind]["wilcoxon_p"], step)
-        if "control" in judged:
-            spec.metric("judge/control_valid", judged["control"]["valid"], step)
-            spec.metric("judge/control_net_loss", judged["control"]["net_loss"]["value"], step)
-        if "validity" in judged:
-            spec.metric("judge/valid", judged["validity"]["valid"], step)
-        spec.params["judge.model"] = short(judged["judge"]["model"])
-        spec.params["judge.template"] = short(judged["judge"]["template"])
+    known = {cls.name: cls for cls in (publishers({}) if instruments is None else instruments)}
+    for name, section in stack["instruments"].items():
+        kind = known.get(name)
+        # A section no instrument here can read (a plug-in that no longer imports): its numbers, plainly.
+        pairs = kind.mlflow_metrics(section) if kind else numeric_leaves(name, section)
+        for key, value in pairs:
+            spec.metric(key, value, step)
+        for key, value in (kind.mlflow_params(section) if kind else {}).items():
+            spec.params[key] = short(value)
     if compound_row:
         for metric in ("kl_mean", "ln_ppl_ratio", "top1_loss"):
             for part in COMPOUND_PARTS:
@@ -252,5 +167,8 @@ def build_layout(report: dict[str, Any], run_uid: str) -> RunLayout:
         parent.metric(f"stacks/{verdict}", sum(s["verdict"] == verdict for s in report["stacks"]))
     parent.metric("gate/level", VERDICT_LEVEL[report["verdict"]])
     parent.metric("gate/findings_inconclusive", report.get("inconclusive", 0))
-    stacks = [StackRun(stack_spec(stack, rows.get(stack["name"]), common), stack) for stack in report["stacks"]]
+    instruments = publishers(report)
+    stacks = [
+        StackRun(stack_spec(stack, rows.get(stack["name"]), common, instruments), stack) for stack in report["stacks"]
+    ]
     return RunLayout(parent, stacks)

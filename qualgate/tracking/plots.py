@@ -30,13 +30,15 @@ def waterfall(report: dict[str, Any], metric: str, path: Path) -> bool:
     interaction term (its degradation minus the sum of its layers measured alone)."""
     compound = report.get("compound") or {}
     ladder = compound.get("ladder") or []
-    if not ladder:
+    baseline = (compound.get("baseline") or {}).get(metric)
+    # Compound numbers come from fidelity: a pipeline without it (or a step it could not score) has none.
+    if not ladder or baseline is None or any(row[metric]["vs_previous"] is None for row in ladder):
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.7 * (len(ladder) + 1)), 4.4))
     labels = ["baseline"]
     levels: list[float] = []
-    level = float((compound.get("baseline") or {}).get(metric, 0.0))
+    level = float(baseline)
     ax.bar(0, level, color="#7f7f7f")
     ax.annotate(f"{level:.3g}", (0, level), ha="center", va="bottom", fontsize=8)
     for i, row in enumerate(ladder, start=1):
@@ -45,7 +47,8 @@ def waterfall(report: dict[str, Any], metric: str, path: Path) -> bool:
         level += delta
         levels.append(level)
         ax.annotate(f"{level:.3g}\n({delta:+.2g})", (i, level), ha="center", va="bottom", fontsize=8)
-        labels.append(f"+{row['layers'][-1]}\ninteraction {float(row[metric]['interaction']):+.2g}")
+        interaction = row[metric]["interaction"]
+        labels.append(f"+{row['layers'][-1]}\ninteraction {'-' if interaction is None else f'{interaction:+.2g}'}")
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel(WATERFALL_METRICS[metric])
     ax.set_title(f"{report['pipeline']}: compound {metric} along the ladder")

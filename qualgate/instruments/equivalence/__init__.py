@@ -1,7 +1,6 @@
 """The equivalence instrument: greedy token identity of lossless layers, with a measured noise floor."""
 
 from qualgate.instruments.equivalence.check import (
-    GENERATION_KINDS,
     Divergence,
     EquivalenceConfig,
     EquivalenceResult,
@@ -13,11 +12,10 @@ from qualgate.instruments.equivalence.check import (
     first_divergence,
     load_prompts,
     measure_noise,
-    reference_stack,
     run_equivalence,
-    without_generation_layers,
 )
 from qualgate.instruments.equivalence.probes import Prompt, prefix_coverage, prefix_probes, speculation_probes
+from qualgate.instruments.generation import GENERATION_KINDS, reference_stack, without_generation_layers
 
 __all__ = [
     "GENERATION_KINDS",

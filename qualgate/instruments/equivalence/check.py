@@ -17,11 +17,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from qualgate.errors import ConfigError
 from qualgate.instruments.equivalence.probes import Prompt, prefix_coverage
 from qualgate.instruments.shapes import ShapeNoise, candidate_schedules, measure_shape_noise
 from qualgate.jsonl import prompt_id, read_prompt_rows
-from qualgate.layers import LayerKind
 
 # The calibrated tolerance: the candidate's drift is the same kernel noise the calibration samples (every
 # verify-block phase, every prefix boundary), so its worst position sits near the noise's own tail: on
@@ -223,28 +221,6 @@ def classify(ref: Generation, cand: Generation, position: int, eps: float, decod
         kind=kind,
         reference_rank=back_rank,
     )
-
-
-GENERATION_KINDS: tuple[LayerKind, ...] = ("speculation", "prefix_cache")
-
-
-def without_generation_layers(stack: Stack) -> Stack:
-    for kind in GENERATION_KINDS:
-        stack = stack.without(kind)
-    return stack
-
-
-def reference_stack(stack: Stack) -> Stack:
-    """The same stack without its generation-time layers (speculation, prefix caching).
-
-    These kinds do not change the teacher-forced distribution, so fidelity cannot see them; the
-    reference of their equivalence check keeps every other layer (the quantizers), so that their
-    effect is not blamed on speculation. A lossy method of these kinds (typical acceptance) is
-    checked the same way and is expected to fail."""
-    reference = without_generation_layers(stack)
-    if not any(layer.kind in GENERATION_KINDS for layer in stack.layers):
-        raise ConfigError(f"stack '{stack.name}' has no speculation or prefix_cache layer to check for equivalence")
-    return reference
 
 
 class GenerationCheckpoint(Protocol):

@@ -1,0 +1,106 @@
+"""Run a pipeline: plan the stacks, measure each with every instrument (reusing finished work), gate the
+findings and assemble the report. Publishing (files, terminal) lives in report.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qualgate.config import Pipeline
+from qualgate.gate import Finding, judge, verdict, worst_status
+from qualgate.instruments import Instrument
+from qualgate.instruments.base import plugin_path
+from qualgate.plan import PlannedStack, plan
+from qualgate.preflight import Checked, preflight
+from qualgate.redact import redact
+from qualgate.report_model import REPORT_VERSION
+from qualgate.run.compound import compound_table
+from qualgate.run.context import OnProgress, RunContext
+from qualgate.run.provenance import git_state
+from qualgate.version import __version__
+
+
+class Runner:
+    def __init__(self, pipeline: Pipeline, where: str, out_dir: Path, on_progress: OnProgress | None = None) -> None:
+        self.pipeline = pipeline
+        self.where = where
+        self.ctx = RunContext(pipeline, where, out_dir, on_progress)
+        self.planned = plan(pipeline, pipeline.built_layers(where))
+
+    @property
+    def computed(self) -> int:
+        return self.ctx.computed
+
+    @property
+    def reused(self) -> int:
+        return self.ctx.reused
+
+    def gated(self, finding: Finding) -> Finding:
+        """The finding judged against the pipeline's thresholds for its metric (none: it passes)."""
+        tiers = self.pipeline.gate.get(finding.metric)
+        return judge(
+            finding, tiers.warn if tiers else None, tiers.fail if tiers else None, self.pipeline.gate_inconclusive
+        )
+
+    def stack(self, planned: PlannedStack, instruments: list[Instrument[Any]]) -> dict[str, Any]:
+        """One stack through every instrument: its report sections, findings and verdict."""
+        sections: dict[str, Any] = {}
+        findings: list[Finding] = []
+        for instrument in instruments:
+            section = instrument.measure(planned.stack, self.ctx)
+            if section:
+                sections[instrument.name] = section
+                findings += instrument.findings(section, planned.stack, self.gated)
+        return {
+            "name": planned.stack.name,
+            "layers": [{"name": n, **self.pipeline.layers[n]} for n in planned.layer_names],
+            "role": planned.role,
+            "step": planned.step,
+            "lossless": planned.stack.lossless,
+            "instruments": sections,
+            "findings": [f.as_dict() for f in findings],
+            **verdict(findings),
+            "reasons": [f"{f.instrument}.{f.reason}" for f in findings if f.status != "pass"],
+        }
+
+    def run(self, checked: Checked | None = None) -> dict[str, Any]:
+        # `qualgate run` checks before it takes the run directory, and hands over what it opened.
+        checked = checked or preflight(self.pipeline, self.where)
+        instruments = checked.instruments
+        with self.ctx as ctx:
+            stacks = [self.stack(planned, instruments) for planned in self.planned]
+            provenance: dict[str, Any] = {
+                "qualgate": __version__,
+                "git": git_state(),
+                "model": self.pipeline.model.model_dump(),
+                "model_files": self.pipeline.model.fingerprint(),
+                "golden": None,
+                "backend": self.pipeline.backend.name,
+                "tracking": self.pipeline.tracking.model_dump(),
+                # Every evaluation input by path and content hash (logged as MLflow datasets).
+                "data": [entry for instrument in instruments for entry in instrument.data(ctx)],
+                # What each served endpoint's capability probe found (mode, top-k, canary agreement).
+                "engine_probes": ctx.engine_probes([p.stack.name for p in self.planned]),
+            }
+            for instrument in instruments:
+                provenance.update(instrument.provenance(ctx))
+            plugins = {i.name: path for i in instruments if (path := plugin_path(i)) is not None}
+            if plugins:
+                # report, summary and tracking find a plug-in's renderers by this path.
+                provenance["plugins"] = plugins
+        report = {
+            "report_version": REPORT_VERSION,
+            "pipeline": self.pipeline.name,
+            "verdict": worst_status([s["verdict"] for s in stacks]),
+            "measured": worst_status([s["measured"] for s in stacks]),
+            "inconclusive": sum(len(s["inconclusive"]) for s in stacks),
+            "gate_policy": {"inconclusive": self.pipeline.gate_inconclusive},
+            "reasons": [f"{s['name']}: {reason}" for s in stacks for reason in s["reasons"]],
+            "provenance": provenance,
+            "stacks": stacks,
+            "compound": compound_table(self.planned, stacks),
+        }
+        # Whatever a user wrote under a credential's name (an endpoint's api_key) never reaches the
+        # report, the summary, JUnit or MLflow.
+        safe: dict[str, Any] = redact(report)
+        return safe
