@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from qualgate.backends.openai_http import Endpoint
-from qualgate.backends.openai_session import Counters, OpenAISession
+from qualgate.backends.http.client import Endpoint
+from qualgate.backends.http.session import Counters, OpenAISession
 from qualgate.backends.rows import Row, score_from_rows
-from qualgate.backends.vllm import VLLMBackend, VLLMOptions, vllm_args
+from qualgate.backends.http.vllm import VLLMBackend, VLLMOptions, vllm_args
 from qualgate.errors import ConfigError
 from qualgate.instruments.fidelity import kl_topk_tail
 from qualgate.layers import build_layer
@@ -189,7 +189,7 @@ def test_a_managed_server_that_dies_mid_run_is_named_with_its_reason(tmp_path: P
     """Not 'did not answer after 5 attempts': the server's exit and the exception in its log."""
     import sys
 
-    from qualgate.backends.openai_http import CompletionsClient
+    from qualgate.backends.http.client import CompletionsClient
     from qualgate.engines.servers import ManagedServer, ServerSpec
     from qualgate.errors import InfrastructureError
 
@@ -207,3 +207,17 @@ def test_a_managed_server_that_dies_mid_run_is_named_with_its_reason(tmp_path: P
     assert message.startswith(f"endpoint {server.base_url} (model 'm'): the server exited with code 1: ")
     assert "RuntimeError: Unsupported CPU attention configuration: head_dim=16" in message
     assert str(server.log) in message and message.endswith("finished work is kept")
+
+
+def test_an_engine_supports_exactly_the_layer_classes_it_translates() -> None:
+    """A plug-in subclass of a built-in (here a lossy acceptance rule on n-gram speculation) is another
+    method: an engine would run its own n-gram drafting in its place and report the plug-in lossless."""
+    from qualgate.backends import get_backend
+
+    lossy = stack({"kind": "speculation", "method": "plugin_layers:LossyTop2Ngram"})
+    for backend in (VLLMBackend(), get_backend("llamacpp")):
+        with pytest.raises(ConfigError, match=r"cannot apply layer 'LossyTop2Ngram-spec-ngram"):
+            backend.check(lossy)
+    typical = stack({"kind": "speculation", "method": "draft_model_typical"})
+    assert not VLLMBackend().supports(typical.layers[0]) and not get_backend("llamacpp").supports(typical.layers[0])
+    assert VLLMBackend().supports(stack({"kind": "speculation", "method": "ngram"}).layers[0])

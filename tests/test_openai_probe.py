@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qualgate.backends.openai_probe import PromptLogprobs, from_echo, from_vllm_prompt_logprobs, problems
+from qualgate.backends.http.parsers import PromptLogprobs, from_echo, from_vllm_prompt_logprobs, problems
 
 RECORDED = Path(__file__).parent / "recorded"
 PROMPT = ["The", " built", "-", "in", " function", " le", "n", "()", " returns"]

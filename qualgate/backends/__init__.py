@@ -12,9 +12,9 @@ from qualgate.backends.base import (
     register_backend,
 )
 from qualgate.backends.hf import HFBackend
+from qualgate.backends.http.backend import OpenAIBackend
+from qualgate.backends.http.vllm import VLLMBackend
 from qualgate.backends.llamacpp import LlamaCppBackend
-from qualgate.backends.openai_compat import OpenAIBackend
-from qualgate.backends.vllm import VLLMBackend
 
 __all__ = [
     "BACKENDS",

@@ -17,10 +17,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from qualgate.backends.base import Backend, Capabilities, Generation, ScoreResult, block_spans, register_backend
-from qualgate.backends.openai_compat import _tokenizer, model_positions, model_vocab_size
-from qualgate.backends.probe import CANARY, ProbeFailed
+from qualgate.backends.http.backend import _tokenizer, model_positions, model_vocab_size
+from qualgate.backends.http.probe import CANARY, ProbeFailed
 from qualgate.backends.rows import log_softmax, score_from_logprobs, with_tail_sample
 from qualgate.backends.tokenized import TokenizedSession
+from qualgate.backends.translate import Translators
 from qualgate.engines.gguf_quant import baseline_gguf, quantized_gguf
 from qualgate.errors import ConfigError, MissingDependencyError
 from qualgate.layers import Layer
@@ -40,6 +41,38 @@ class LlamaCppOptions(BaseModel):
     cache_dir: str = Field("runs/gguf", description="converted and quantized GGUF files, reused across runs")
 
 
+# What each layer class sets when llama.cpp loads the stack (merged into one plan per session).
+LLAMACPP: Translators[dict[str, Any]] = Translators("llamacpp")
+
+
+@LLAMACPP.register(GGUFQuant)
+def _gguf(layer: GGUFQuant, stack: Stack, options: LlamaCppOptions) -> dict[str, Any]:
+    return {"quant_type": layer.params.type, "quantize_output": layer.params.quantize_output}
+
+
+@LLAMACPP.register(GGMLKV)
+def _ggml_kv(layer: GGMLKV, stack: Stack, options: LlamaCppOptions) -> dict[str, Any]:
+    # llama.cpp quantizes the V cache only with flash attention.
+    flash = layer.params.type_v not in ("f16", "f32", "bf16")
+    return {"type_k": layer.params.type_k, "type_v": layer.params.type_v, "flash_attn": flash}
+
+
+@LLAMACPP.register(Ngram)
+def _lookup(layer: Ngram, stack: Stack, options: LlamaCppOptions) -> dict[str, Any]:
+    p = layer.params
+    return {"draft": "lookup", "max_ngram_size": p.prompt_lookup_max, "draft_tokens": p.num_speculative_tokens}
+
+
+@LLAMACPP.register(DraftModel)  # greedy verification only: a lossy acceptance rule is not llama.cpp's
+def _draft(layer: DraftModel, stack: Stack, options: LlamaCppOptions) -> dict[str, Any]:
+    return {"draft": "model", "draft_layer": layer, "draft_tokens": layer.params.num_speculative_tokens}
+
+
+@LLAMACPP.register(BlockPrefixCache)
+def _reuse(layer: BlockPrefixCache, stack: Stack, options: LlamaCppOptions) -> dict[str, Any]:
+    return {"reuse_prompts": True}
+
+
 @register_backend
 class LlamaCppBackend(Backend):
     name: ClassVar[str] = "llamacpp"
@@ -48,10 +81,7 @@ class LlamaCppBackend(Backend):
         self.options = validate(LlamaCppOptions, options, "backend 'llamacpp' options")
 
     def supports(self, layer: Layer[Any]) -> bool:
-        # Draft models verify greedily here; a lossy acceptance rule (a DraftModel subclass) is not llama.cpp's.
-        if isinstance(layer, DraftModel):
-            return layer.method == "draft_model"
-        return isinstance(layer, (GGUFQuant, GGMLKV, Ngram, BlockPrefixCache))
+        return LLAMACPP.supports(layer)
 
     def open(self, stack: Stack) -> LlamaCppSession:
         return LlamaCppSession(stack, self.options)
@@ -100,23 +130,23 @@ class LlamaCppSession(TokenizedSession):
         self.tokenizer = _tokenizer(stack.model.model_dump_json())
         self.n_vocab = model_vocab_size(stack.model, self.tokenizer)
         cache_dir = Path(options.cache_dir)
-        weights = stack.layer("weight_quant")
-        if isinstance(weights, GGUFQuant):
-            path = quantized_gguf(stack.model, weights.params.type, cache_dir, weights.params.quantize_output)
+        plan: dict[str, Any] = {}
+        for settings in LLAMACPP.translate(stack, options):
+            plan.update(settings)
+        if "quant_type" in plan:
+            path = quantized_gguf(stack.model, plan["quant_type"], cache_dir, plan["quantize_output"])
         else:
             path = baseline_gguf(stack.model, cache_dir)
         self.max_positions = options.n_ctx or model_positions(stack.model) or 2048
         kwargs: dict[str, Any] = {}
-        kv = stack.layer("kv_quant")
-        if isinstance(kv, GGMLKV):
-            kwargs["type_k"] = _ggml_type(llama_cpp, kv.params.type_k)
-            kwargs["type_v"] = _ggml_type(llama_cpp, kv.params.type_v)
-            # llama.cpp quantizes the V cache only with flash attention.
-            kwargs["flash_attn"] = kv.params.type_v not in ("f16", "f32", "bf16")
-        self.drafter = self._drafter(stack, options, llama_cpp)
+        if "type_k" in plan:
+            kwargs["type_k"] = _ggml_type(llama_cpp, plan["type_k"])
+            kwargs["type_v"] = _ggml_type(llama_cpp, plan["type_v"])
+            kwargs["flash_attn"] = plan["flash_attn"]
+        self.drafter = self._drafter(plan, options, llama_cpp)
         if self.drafter is not None:
             kwargs["draft_model"] = self.drafter
-        self.reuse_prompts = isinstance(stack.layer("prefix_cache"), BlockPrefixCache)
+        self.reuse_prompts = bool(plan.get("reuse_prompts"))
         self.gguf = path
         self.llm = self._load(llama_cpp, path, options, logits_all=True, **kwargs)
         self._check_tokenizer()
@@ -133,17 +163,17 @@ class LlamaCppSession(TokenizedSession):
             **kwargs,
         )
 
-    def _drafter(self, stack: Stack, options: LlamaCppOptions, llama_cpp: Any) -> DraftCounter | None:
-        spec = stack.layer("speculation")
-        if isinstance(spec, Ngram):
+    def _drafter(self, plan: dict[str, Any], options: LlamaCppOptions, llama_cpp: Any) -> DraftCounter | None:
+        if plan.get("draft") == "lookup":
             from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
             lookup = LlamaPromptLookupDecoding(
-                max_ngram_size=spec.params.prompt_lookup_max, num_pred_tokens=spec.params.num_speculative_tokens
+                max_ngram_size=plan["max_ngram_size"], num_pred_tokens=plan["draft_tokens"]
             )
             return DraftCounter(lookup)
-        if isinstance(spec, DraftModel):
-            draft_spec = ModelSpec(path=spec.params.draft, dtype=stack.model.dtype)
+        if plan.get("draft") == "model":
+            spec: DraftModel = plan["draft_layer"]
+            draft_spec = ModelSpec(path=spec.params.draft, dtype=self.stack.model.dtype)
             draft = self._load(llama_cpp, baseline_gguf(draft_spec, Path(options.cache_dir)), options)
             if draft.n_vocab() != self.n_vocab:
                 raise ConfigError(

@@ -12,14 +12,12 @@ that silently truncates).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from qualgate.backends.openai_http import EndpointRejected
-from qualgate.backends.openai_probe import from_echo, from_vllm_prompt_logprobs, problems
-from qualgate.backends.openai_session import OpenAISession
+from qualgate.backends.http.client import EndpointRejected
+from qualgate.backends.http.parsers import from_echo, from_vllm_prompt_logprobs, problems
+from qualgate.backends.http.session import OpenAISession, ProbeReport
 from qualgate.errors import InfrastructureError
 
 CANARY = (
@@ -34,29 +32,9 @@ class ProbeFailed(InfrastructureError):
     """The endpoint cannot be measured as it is configured (exit 3)."""
 
 
-@dataclass
-class ProbeReport:
-    stack: str
-    endpoint: str
-    mode: str = ""
-    token_id_prompts: bool = False
-    top_k: int = 0
-    canary_mean_abs_diff: float | None = None
-    canary_tolerance: float | None = None
-    notes: list[str] = field(default_factory=list)
-    scoring: bool = True  # False: prompt logprobs unusable, the endpoint is measured by generation only
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def probe(
-    session: OpenAISession,
-    reference: Callable[[list[int]], np.ndarray] | None,
-    tolerance: float,
-    require_scoring: bool = True,
-) -> ProbeReport:
-    """Configure `session` (mode, top-k, prompt form) from what its endpoint does, or raise ProbeFailed."""
+def probe(session: OpenAISession, require_scoring: bool = True) -> ProbeReport:
+    """What the session's endpoint can do: scoring mode, top-k, prompt form. Raises ProbeFailed when
+    it cannot score and scoring is required. Pure discovery: the caller configures the session."""
     report = ProbeReport(session.stack.name, str(session.endpoint))
     ids = session.encode(CANARY)[:CANARY_TOKENS]
     # The plainest request first, with retries: a server that is down is an infrastructure error,
@@ -65,37 +43,35 @@ def probe(
     found: list[str] = []
     top_k = _top_k(session, ids, report)
     if top_k:
-        session.mode, session.token_id_prompts, report.mode, report.token_id_prompts = (
-            "token_ids",
-            True,
-            "token_ids",
-            True,
-        )
+        report.mode, report.token_id_prompts = "token_ids", True
     else:
-        session.token_id_prompts = _accepts_token_ids(session, ids)
-        report.token_id_prompts = session.token_id_prompts
+        report.token_id_prompts = _accepts_token_ids(session, ids)
         found = _echo_problems(session, ids, report)
         top_k = report.top_k
-        session.mode, report.mode = "echo", "echo"
-    session.top_k_cap = report.top_k = max(top_k, 1)
+        report.mode = "echo"
+    report.top_k = max(top_k, 1)
     if found:
         if require_scoring:
             raise ProbeFailed(f"endpoint {session.endpoint} refused by the capability probe: {'; '.join(found)}")
         report.notes.extend(found)
         report.scoring = False
-        return report
-    if reference is not None:
-        served = session.score(ids, top_k=1).logprobs
-        expected = reference(ids)
-        diff = float(np.abs(served - expected).mean())
-        report.canary_mean_abs_diff, report.canary_tolerance = diff, tolerance
-        if not diff <= tolerance:
-            raise ProbeFailed(
-                f"endpoint {session.endpoint} refused by the capability probe: the canary's logprobs differ from "
-                f"the in-process baseline by {diff:.3g} nats per token on average (> {tolerance:g}); is it serving "
-                f"'{session.stack.model.path}' with the stack's layers?"
-            )
     return report
+
+
+def check_canary(session: OpenAISession, reference: Callable[[list[int]], np.ndarray], tolerance: float) -> None:
+    """The canary scored by the configured session agrees with the in-process baseline, or ProbeFailed:
+    a wrong model, a chat template applied to completions, a server that silently truncates."""
+    ids = session.encode(CANARY)[:CANARY_TOKENS]
+    served = session.score(ids, top_k=1).logprobs
+    diff = float(np.abs(served - reference(ids)).mean())
+    if session.probe is not None:
+        session.probe.canary_mean_abs_diff, session.probe.canary_tolerance = diff, tolerance
+    if not diff <= tolerance:
+        raise ProbeFailed(
+            f"endpoint {session.endpoint} refused by the capability probe: the canary's logprobs differ from "
+            f"the in-process baseline by {diff:.3g} nats per token on average (> {tolerance:g}); is it serving "
+            f"'{session.stack.model.path}' with the stack's layers?"
+        )
 
 
 def _top_k(session: OpenAISession, ids: list[int], report: ProbeReport) -> int:

@@ -1,7 +1,7 @@
 """A stack served by an OpenAI-compatible endpoint: scoring through the completions API and greedy
 generation, with the model's own tokenizer so token ids mean what they mean in process.
 
-Two scoring modes, chosen by the probe (qualgate.backends.probe):
+Two scoring modes, chosen by the probe (qualgate.backends.http.probe):
 - "token_ids" (vLLM): the prompt is sent as token ids and `prompt_logprobs` returns every position;
   nothing is re-tokenized, so a chunk that starts mid-word is scored exactly as given.
 - "echo" (the legacy protocol: llama.cpp servers, proxies): the prompt is sent as text with
@@ -13,22 +13,38 @@ from __future__ import annotations
 import re
 import urllib.request
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from qualgate.backends.base import Capabilities, Generation, ScoreResult
-from qualgate.backends.openai_http import CompletionsClient, Endpoint
+from qualgate.backends.http.client import CompletionsClient, Endpoint
+from qualgate.backends.http.parsers import generated, rows_from_echo, rows_from_prompt_logprobs
 from qualgate.backends.rows import Row, score_from_rows
 from qualgate.backends.tokenized import TokenizedSession
-from qualgate.errors import InfrastructureError
 from qualgate.stack import Stack
-
-if TYPE_CHECKING:
-    from qualgate.backends.probe import ProbeReport
 
 ScoreMode = Literal["token_ids", "echo"]
 TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")  # vLLM's return_tokens_as_token_ids spelling
+
+
+@dataclass
+class ProbeReport:
+    """What the capability probe found an endpoint can do (report provenance: `engine_probes`)."""
+
+    stack: str
+    endpoint: str
+    mode: str = ""
+    token_id_prompts: bool = False
+    top_k: int = 0
+    canary_mean_abs_diff: float | None = None
+    canary_tolerance: float | None = None
+    notes: list[str] = field(default_factory=list)
+    scoring: bool = True  # False: prompt logprobs unusable, the endpoint is measured by generation only
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 class OpenAISession(TokenizedSession):
@@ -58,6 +74,13 @@ class OpenAISession(TokenizedSession):
         self.on_close: Callable[[], None] | None = None  # a managed server's release
         self.probe: ProbeReport | None = None  # what the capability probe found (run provenance)
 
+    def configure(self, report: ProbeReport) -> None:
+        """Score and prompt the way the probe found the endpoint works."""
+        self.mode = "token_ids" if report.mode == "token_ids" else "echo"
+        self.token_id_prompts = report.token_id_prompts
+        self.top_k_cap = max(report.top_k, 1)
+        self.probe = report
+
     # -- requests ---------------------------------------------------------------------------------
     def score_body(self, token_ids: Sequence[int], top_k: int) -> dict[str, Any]:
         k = min(top_k, self.top_k_cap)
@@ -80,53 +103,10 @@ class OpenAISession(TokenizedSession):
 
     def rows(self, token_ids: Sequence[int], response: dict[str, Any], top_k: int) -> list[Row]:
         """One Row per position 1..n-1 of token_ids, or an error naming what the server got wrong."""
-        ids = list(token_ids)
-        choice = response["choices"][0]
         if self.mode == "token_ids":
-            entries = choice.get("prompt_logprobs") or []
-            if len(entries) != len(ids):
-                raise InfrastructureError(
-                    f"endpoint {self.endpoint} returned {len(entries)} prompt logprobs for {len(ids)} tokens"
-                )
-            out = []
-            for position, entry in enumerate(entries[1:], start=1):
-                table = {int(key): float(value["logprob"]) for key, value in (entry or {}).items()}
-                if ids[position] not in table:
-                    raise InfrastructureError(
-                        f"endpoint {self.endpoint} gave no logprob for prompt position {position}"
-                    )
-                rank_of = {int(key): int(value.get("rank") or 0) for key, value in (entry or {}).items()}
-                # vLLM adds the scored token with its true rank: it is in `top` only if it is in the top-k.
-                top = {t: v for t, v in table.items() if rank_of.get(t, 0) <= top_k}
-                out.append(Row(table[ids[position]], top))
-            return out
-        logprobs = choice.get("logprobs") or {}
-        tokens = list(logprobs.get("tokens") or [])
-        values = list(logprobs.get("token_logprobs") or [])
-        tops = list(logprobs.get("top_logprobs") or [])
-        expected = [self.piece(t) for t in ids]
-        # Servers differ on whether the BOS appears in the echo; align on the text tokens.
-        offset = 1 if tokens and ids and ids[0] == self.bos_token_id and tokens[0] == expected[0] else 0
-        body = ids[1:] if ids and ids[0] == self.bos_token_id else ids
-        got = tokens[offset : offset + len(body)]
-        if got != expected[len(ids) - len(body) :]:
-            raise InfrastructureError(
-                f"endpoint {self.endpoint} tokenized a prompt differently from the model's tokenizer; "
-                "use an endpoint that accepts token-id prompts (vLLM) or one serving the same tokenizer"
-            )
-        out = []
-        for position in range(len(ids) - len(body), len(ids)):
-            if position == 0:
-                continue
-            index = offset + position - (len(ids) - len(body))
-            value = values[index] if index < len(values) else None
-            if value is None:
-                raise InfrastructureError(
-                    f"endpoint {self.endpoint} returned no logprob for prompt position {position} (echo)"
-                )
-            top = {self.piece_id(piece): float(v) for piece, v in (tops[index] or {}).items() if v is not None}
-            out.append(Row(float(value), {t: v for t, v in top.items() if t >= 0}))
-        return out
+            return rows_from_prompt_logprobs(token_ids, response, top_k, str(self.endpoint))
+        pieces = [self.piece(t) for t in token_ids]
+        return rows_from_echo(token_ids, response, pieces, self.bos_token_id, self.piece_id, str(self.endpoint))
 
     def piece(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
@@ -183,21 +163,11 @@ class OpenAISession(TokenizedSession):
         before = self.metrics.read()
         choice = self.client.one(body)["choices"][0]
         after = self.metrics.read()
-        logprobs = choice.get("logprobs") or {}
-        pieces = list(logprobs.get("tokens") or [])
-        token_ids = [self.piece_id(t) for t in pieces]
-        if not pieces or any(t < 0 for t in token_ids):
+        token_ids, top_ids, top_logprobs = generated(choice, top_k, self.piece_id)
+        if not token_ids or any(t < 0 for t in token_ids):
             # No logprobs (a generation-only endpoint) or a piece the tokenizer does not know: the
             # text re-tokenized is the closest to the engine's tokens we can get.
             token_ids = self.encode(choice.get("text") or "", add_bos=False)
-        tops = logprobs.get("top_logprobs") or []
-        k = min([top_k, *(len(t or {}) for t in tops)]) if tops else 0
-        top_ids = np.zeros((len(tops), k), dtype=np.int64)
-        top_logprobs = np.zeros((len(tops), k))
-        for i, entry in enumerate(tops):
-            best = sorted((entry or {}).items(), key=lambda item: -item[1])[:k]
-            top_ids[i] = [self.piece_id(piece) for piece, _ in best]
-            top_logprobs[i] = [value for _, value in best]
         finish = "stop" if choice.get("finish_reason") == "stop" else "length"
         text = str(choice.get("text") or "")
         return Generation(prompt_ids, token_ids, text, top_ids, top_logprobs, finish, self._own_counters(after, before))

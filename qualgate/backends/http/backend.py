@@ -12,9 +12,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from qualgate.backends.base import Backend, register_backend
-from qualgate.backends.openai_http import CompletionsClient, Endpoint
-from qualgate.backends.openai_session import OpenAISession
-from qualgate.backends.probe import probe
+from qualgate.backends.http.client import CompletionsClient, Endpoint
+from qualgate.backends.http.probe import check_canary, probe
+from qualgate.backends.http.session import OpenAISession
 from qualgate.errors import ConfigError
 from qualgate.layers import Layer
 from qualgate.models import ModelSpec, load_hf_tokenizer
@@ -125,9 +125,10 @@ class HTTPBackend(Backend):
             64,
             model_positions(stack.model),
         )
-        tolerance = o.canary_tolerance if stack.lossless else o.canary_tolerance_lossy
+        session.configure(probe(session, o.require_scoring))
         reference = canary_reference(stack.model, o.canary)
-        session.probe = probe(session, reference, tolerance, o.require_scoring)
+        if reference is not None and session.probe is not None and session.probe.scoring:
+            check_canary(session, reference, o.canary_tolerance if stack.lossless else o.canary_tolerance_lossy)
         return session
 
 

@@ -16,9 +16,10 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from qualgate.backends.base import register_backend
-from qualgate.backends.openai_compat import HTTPBackend, HTTPOptions
-from qualgate.backends.openai_http import Endpoint
-from qualgate.backends.openai_session import OpenAISession
+from qualgate.backends.http.backend import HTTPBackend, HTTPOptions
+from qualgate.backends.http.client import Endpoint
+from qualgate.backends.http.session import OpenAISession
+from qualgate.backends.translate import Translators
 from qualgate.engines.servers import POOL, ManagedServer, ServerSpec, env_pairs
 from qualgate.errors import ConfigError
 from qualgate.layers import Layer
@@ -63,46 +64,65 @@ def vllm_python(option: str | None) -> str:
     )
 
 
+# `vllm serve` flags per layer class: flag -> value (None: a switch). docs/engines.md has the table.
+VLLM_FLAGS: Translators[dict[str, str | None]] = Translators("vllm")
+
+
+@VLLM_FLAGS.register(VLLMQuant)
+def _quantization(layer: VLLMQuant, stack: Stack, options: VLLMOptions) -> dict[str, str | None]:
+    return {"--model": layer.params.checkpoint or stack.model.source(), "--quantization": layer.params.quantization}
+
+
+@VLLM_FLAGS.register(Fp8KV)
+def _fp8_kv(layer: Fp8KV, stack: Stack, options: VLLMOptions) -> dict[str, str | None]:
+    return {"--kv-cache-dtype": f"fp8_{layer.params.format}"}
+
+
+@VLLM_FLAGS.register(Ngram)
+def _ngram(layer: Ngram, stack: Stack, options: VLLMOptions) -> dict[str, str | None]:
+    p = layer.params
+    config = {
+        "method": "ngram",
+        "num_speculative_tokens": p.num_speculative_tokens,
+        "prompt_lookup_max": p.prompt_lookup_max,
+        "prompt_lookup_min": p.prompt_lookup_min,
+    }
+    return {"--speculative-config": json.dumps(config)}
+
+
+@VLLM_FLAGS.register(DraftModel)  # greedy verification only: typical acceptance is not in vLLM V1
+def _draft(layer: DraftModel, stack: Stack, options: VLLMOptions) -> dict[str, str | None]:
+    draft = ModelSpec(path=layer.params.draft).source()
+    return {
+        "--speculative-config": json.dumps(
+            {"model": draft, "num_speculative_tokens": layer.params.num_speculative_tokens}
+        )
+    }
+
+
+@VLLM_FLAGS.register(BlockPrefixCache)
+def _prefix(layer: BlockPrefixCache, stack: Stack, options: VLLMOptions) -> dict[str, str | None]:
+    # Prefixes are reused in whole blocks; vLLM's CPU default (128) never hits on short prompts.
+    return {"--enable-prefix-caching": None, "--block-size": str(options.block_size or layer.params.block_size)}
+
+
 def vllm_args(stack: Stack, options: VLLMOptions) -> list[str]:
-    """The `vllm serve` flags that apply the stack's layers (docs/engines.md has the table)."""
-    model = stack.model.source()
-    args: list[str] = []
-    weights = stack.layer("weight_quant")
-    if isinstance(weights, VLLMQuant):
-        model = weights.params.checkpoint or model
-        args += ["--quantization", weights.params.quantization]
-    kv = stack.layer("kv_quant")
-    if isinstance(kv, Fp8KV):
-        args += ["--kv-cache-dtype", f"fp8_{kv.params.format}"]
-    spec = stack.layer("speculation")
-    if isinstance(spec, Ngram):
-        p = spec.params
-        config: dict[str, Any] = {
-            "method": "ngram",
-            "num_speculative_tokens": p.num_speculative_tokens,
-            "prompt_lookup_max": p.prompt_lookup_max,
-            "prompt_lookup_min": p.prompt_lookup_min,
-        }
-        args += ["--speculative-config", json.dumps(config)]
-    elif isinstance(spec, DraftModel):
-        draft = ModelSpec(path=spec.params.draft).source()
-        config = {"model": draft, "num_speculative_tokens": spec.params.num_speculative_tokens}
-        args += ["--speculative-config", json.dumps(config)]
-    # vLLM caches prefixes by default: the baseline must turn it off, or it is not a baseline.
-    prefix = stack.layer("prefix_cache")
-    if isinstance(prefix, BlockPrefixCache):
-        # Prefixes are reused in whole blocks; vLLM's CPU default (128) never hits on short prompts.
-        args += ["--enable-prefix-caching", "--block-size", str(options.block_size or prefix.params.block_size)]
-    else:
-        args += ["--no-enable-prefix-caching"]
+    """The `vllm serve` flags that serve the stack: the model, then each layer's translation."""
+    flags: dict[str, str | None] = {"--model": stack.model.source()}
+    for translated in VLLM_FLAGS.translate(stack, options):
+        flags.update(translated)
+    if stack.layer("prefix_cache") is None:
+        # vLLM caches prefixes by default: the baseline must turn it off, or it is not a baseline.
+        flags["--no-enable-prefix-caching"] = None
         if options.block_size:
-            args += ["--block-size", str(options.block_size)]
+            flags["--block-size"] = str(options.block_size)
     if options.max_model_len:
-        args += ["--max-model-len", str(options.max_model_len)]
+        flags["--max-model-len"] = str(options.max_model_len)
+    args = [part for flag, value in flags.items() for part in ((flag,) if value is None else (flag, value))]
     return [
-        "--model", model, "--served-model-name", SERVED_NAME, "--dtype", DTYPES[stack.model.dtype],
+        *args, "--served-model-name", SERVED_NAME, "--dtype", DTYPES[stack.model.dtype],
         "--max-logprobs", str(options.max_logprobs), "--seed", "0",
-        *(["--enforce-eager"] if options.enforce_eager else []), *args, *options.extra_args,
+        *(["--enforce-eager"] if options.enforce_eager else []), *options.extra_args,
     ]  # fmt: skip
 
 
@@ -113,9 +133,7 @@ class VLLMBackend(HTTPBackend):
     options: VLLMOptions
 
     def supports(self, layer: Layer[Any]) -> bool:
-        return isinstance(layer, (VLLMQuant, Fp8KV, Ngram, DraftModel, BlockPrefixCache)) and not (
-            isinstance(layer, DraftModel) and layer.method != "draft_model"  # typical acceptance: not in vLLM V1
-        )
+        return VLLM_FLAGS.supports(layer)
 
     def check(self, stack: Stack) -> None:
         super().check(stack)
