@@ -13,8 +13,8 @@ from engine_shapes import ShapedEngine
 
 from qualgate.backends.hf import HFSession
 from qualgate.backends.http.backend import OpenAIBackend
-from qualgate.backends.http.session import OpenAISession
 from qualgate.backends.http.probe import ProbeFailed
+from qualgate.backends.http.session import OpenAISession
 from qualgate.instruments.equivalence import EquivalenceConfig, Prompt, run_equivalence
 from qualgate.models import ModelSpec
 from qualgate.stack import Stack

@@ -13,8 +13,8 @@ import pytest
 
 from qualgate.backends.http.client import Endpoint
 from qualgate.backends.http.session import Counters, OpenAISession
-from qualgate.backends.rows import Row, score_from_rows
 from qualgate.backends.http.vllm import VLLMBackend, VLLMOptions, vllm_args
+from qualgate.backends.rows import Row, score_from_rows
 from qualgate.errors import ConfigError
 from qualgate.instruments.fidelity import kl_topk_tail
 from qualgate.layers import build_layer
