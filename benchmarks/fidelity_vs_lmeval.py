@@ -18,7 +18,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from qualgate import build_stack, golden, open_session
+from qualgate import build_stack, golden_record, open_session
 from qualgate.fixtures import bundled_model_path
 from qualgate.instruments.fidelity import FidelityConfig, chunk_text, score_text
 
@@ -72,7 +72,7 @@ def main() -> int:
     print(f"ratio qualgate / lm-eval: {theirs_s / ours_s:.2f}x")
 
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = golden.record(session, text, FidelityConfig(top_k=64), Path(tmp))
+        manifest = golden_record.record(session, text, FidelityConfig(top_k=64), Path(tmp))
     full_fp16 = 2 * session.vocab_size
     print(
         f"golden store: {manifest.bytes_per_token:.0f} bytes per scored token (top-64 + tail, compressed); "

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from qualgate import golden, noise_floor
+from qualgate import golden, golden_record, noise_floor
 from qualgate.backends import open_session
 from qualgate.errors import ConfigError
 from qualgate.instruments.fidelity import TAIL_SAMPLES, FidelityConfig, FidelityResult, compare, score_text
@@ -53,7 +53,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     text = golden.read_text_file(args.text)
     stack = build_stack(ModelSpec(path=args.model, dtype=args.dtype))
     with open_session(stack) as session, progress("golden record") as on_chunk:
-        manifest = golden.record(session, text, config, Path(args.out), text_source=args.text, on_chunk=on_chunk)
+        manifest = golden_record.record(session, text, config, Path(args.out), text_source=args.text, on_chunk=on_chunk)
     print(
         f"recorded {args.out}: {manifest.n_tokens} tokens in {manifest.n_chunks} chunks, "
         f"ppl {manifest.ppl:.4f}, {manifest.bytes_per_token:.1f} bytes/token "

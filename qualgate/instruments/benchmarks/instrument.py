@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from qualgate.fmt import fmt
+from qualgate.fmt import fmt, interval
 from qualgate.fsio import atomic_write_text
 from qualgate.gate import Finding
 from qualgate.instruments.base import Gate, Instrument, Tiers, estimate_metrics
@@ -155,11 +155,10 @@ class Benchmarks(Instrument[BenchmarksConfig]):
             "| --- | --- | --- | --- | --- | --- |",
         ]
         for name, t in rows:
-            rec = t["recovery"]
             lines.append(
                 f"| `{name}` | {t['task']} ({t['metric']}, n={t['n']}) | {fmt(t['accuracy_baseline']['value'])} -> "
-                f"{fmt(t['accuracy_candidate']['value'])} | {fmt(rec['value'])} [{fmt(rec['low'])}, "
-                f"{fmt(rec['high'])}] | {t['flips_b']} / {t['flips_c']} | {fmt(t['mcnemar_p'])} ({fmt(t['holm_p'])}) |"
+                f"{fmt(t['accuracy_candidate']['value'])} | {interval(t['recovery'])} | {t['flips_b']} / "
+                f"{t['flips_c']} | {fmt(t['mcnemar_p'])} ({fmt(t['holm_p'])}) |"
             )
         return lines
 

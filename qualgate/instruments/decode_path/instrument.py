@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
 
-from qualgate.fmt import fmt
+from qualgate.fmt import fmt, interval
 from qualgate.gate import Finding
 from qualgate.instruments.base import (
     Gate,
@@ -139,9 +139,9 @@ class DecodePath(Instrument[EquivalenceSection]):
             shape_cell = "-"
             if shape:
                 est = shape["shape_kl"]
-                shape_cell = f"{fmt(est['value'], 2)} [{fmt(est['low'], 2)}, {fmt(est['high'], 2)}]"
+                shape_cell = interval(est, 2)
             lines.append(
-                f"| `{name}` | {fmt(kl['value'], 2)} [{fmt(kl['low'], 2)}, {fmt(kl['high'], 2)}] | "
+                f"| `{name}` | {interval(kl, 2)} | "
                 f"{d['decode_same_top1']['value']:.1%} | {d['exact_match_rate']:.1%} | "
                 f"{fmt(d['first_divergence']['median'], 3)} | {shape_cell} |"
             )

@@ -9,110 +9,30 @@ scoring its sequences in the candidate's shapes (qualgate.instruments.shapes), n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
+from qualgate.instruments.equivalence.counters import aggregate_layer_stats, group_stats
+from qualgate.instruments.equivalence.divergence import Divergence, classify, first_divergence, has_top
 from qualgate.instruments.equivalence.probes import Prompt, prefix_coverage
-from qualgate.instruments.shapes import ShapeNoise, candidate_schedules, measure_shape_noise
+from qualgate.instruments.equivalence.tolerance import (
+    NOISY_REFERENCE,
+    EquivalenceConfig,
+    calibrate,
+    measure_noise,
+)
 from qualgate.jsonl import prompt_id, read_prompt_rows
-
-# The calibrated tolerance: the candidate's drift is the same kernel noise the calibration samples (every
-# verify-block phase, every prefix boundary), so its worst position sits near the noise's own tail: on
-# the bundled stacks the candidate's max was at most 1.2x the noise's 99.9th percentile. Four times it
-# leaves room for positions the calibration did not sample and stays far below what a real bug does (a
-# stale cache block or a lossy acceptance rule moves chosen-token logprobs by 0.05-1 nats). The floor
-# keeps float32 stacks, whose noise is ~1e-6, from failing on differences no kernel change can avoid.
-TOLERANCE_FACTOR = 4.0
-TOLERANCE_FLOOR = 1e-4
-# A calibrated tolerance above this is far above float noise: the summary names the cause.
-NOISY_REFERENCE = 0.01
 
 if TYPE_CHECKING:
     from qualgate.backends.base import Generation, Session
-    from qualgate.stack import Stack
-
-
-class EquivalenceConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # The one default for every caller (pipelines, `qualgate equivalence`): 24 tokens reach past the
-    # first near-tie of most prompts, at half the cost of 48.
-    max_new_tokens: int = Field(24, ge=1)
-    eps: float = Field(0.125, ge=0, description="top-2 margin (nats) under which a divergence is a near-tie")
-    logprob_tolerance: float | None = Field(
-        None, ge=0, description="max |dlogprob| on the shared prefix; None: calibrated from the noise floor"
-    )
-    tolerance_factor: float = Field(
-        TOLERANCE_FACTOR, gt=0, description="calibrated tolerance = max(tolerance_floor, factor x floor p99.9)"
-    )
-    tolerance_floor: float = Field(TOLERANCE_FLOOR, ge=0, description="smallest calibrated tolerance (nats)")
-    top_k: int = Field(4, ge=2, description="per-step top-k kept from both sides (>= 2 to classify)")
 
 
 def load_prompts(path: Path) -> list[Prompt]:
     """JSONL with an `id` and a `prompt` per line; the file's stem is the prompts' group."""
     return [Prompt(prompt_id(path, n, row), row["prompt"], path.stem) for n, row in read_prompt_rows(path)]
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """The shared-prefix logprob tolerance and where it came from."""
-
-    value: float
-    source: str  # "calibrated" or "pipeline"
-    noise: dict[str, Any] | None  # the reference's noise floor (ShapeNoise.summary), when measured
-    factor: float
-    floor: float
-
-    @property
-    def margin(self) -> float:
-        """How far the reference's top-1/top-2 margin was measured to move by noise: each of the two
-        logprobs may move by the largest measured |delta logprob|, so their difference by twice it
-        (without a measurement: twice the tolerance)."""
-        if self.noise is None:
-            return 2.0 * self.value
-        return 2.0 * float(self.noise["logprob_delta"]["max"])
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "value": self.value,
-            "source": self.source,
-            "factor": self.factor,
-            "floor": self.floor,
-            "noise_margin": self.margin,
-            "noise_floor": self.noise,
-        }
-
-
-def calibrate(config: EquivalenceConfig, noise: ShapeNoise | None) -> Tolerance:
-    """max(floor, factor x the noise floor's 99.9th percentile), or the pipeline's own value."""
-    summary = noise.summary() if noise is not None and noise.logprob_delta.size else None
-    if config.logprob_tolerance is not None:
-        return Tolerance(config.logprob_tolerance, "pipeline", summary, config.tolerance_factor, config.tolerance_floor)
-    p999 = summary["logprob_delta"]["p99.9"] if summary else 0.0
-    value = max(config.tolerance_floor, config.tolerance_factor * p999)
-    return Tolerance(value, "calibrated", summary, config.tolerance_factor, config.tolerance_floor)
-
-
-@dataclass(frozen=True)
-class Divergence:
-    prompt_id: str
-    run: str  # "cold" or "warm" (prefix cache), "single" otherwise
-    position: int  # first differing generated position = shared-prefix length
-    reference_token: int | None  # None: the reference stopped here
-    candidate_token: int | None
-    reference_text: str
-    candidate_text: str
-    margin: float | None  # reference log P(its token) - log P(candidate's token) (top1 - top2 if not in top-k)
-    candidate_rank: int | None  # 1-based rank of the candidate's token in the reference's top-k, if present
-    kind: str  # "near_tie" or "real"
-    reference_rank: int | None = None  # 1-based rank of the reference's token in the candidate's top-k
-    group: str = ""
 
 
 @dataclass
@@ -172,57 +92,6 @@ class EquivalenceResult:
         }
 
 
-def first_divergence(reference: Sequence[int], candidate: Sequence[int]) -> int | None:
-    for i, (a, b) in enumerate(zip(reference, candidate, strict=False)):
-        if a != b:
-            return i
-    return None if len(reference) == len(candidate) else min(len(reference), len(candidate))
-
-
-def _has_top(gen: Generation, positions: int, k: int) -> bool:
-    """Whether `gen` carries top-k logprobs for its first `positions` tokens (endpoints that return
-    no generated-token logprobs, e.g. TGI's completions, give none)."""
-    return gen.top_logprobs.ndim == 2 and gen.top_logprobs.shape[0] >= positions and gen.top_logprobs.shape[1] >= k
-
-
-def classify(ref: Generation, cand: Generation, position: int, eps: float, decode: Any) -> Divergence:
-    """Build the explanation of one divergence at `position` (the first differing one).
-
-    A near-tie needs all three: the candidate's token in the reference's top-k, the reference's token
-    in the candidate's top-k, and the reference's top-1/top-2 margin within `eps` (the caller passes
-    max(eps, the measured noise margin)). Without top-k logprobs on either side (a generation-only
-    endpoint) it cannot be told apart from a bug: the divergence stays real, the conservative reading."""
-    ref_token = ref.token_ids[position] if position < len(ref.token_ids) else None
-    cand_token = cand.token_ids[position] if position < len(cand.token_ids) else None
-    margin = rank = back_rank = None
-    kind = "real"
-    if ref_token is not None and cand_token is not None and _has_top(ref, position + 1, 2):
-        ids = ref.top_ids[position].tolist()
-        lps = ref.top_logprobs[position]
-        rank = ids.index(cand_token) + 1 if cand_token in ids else None
-        # The reference's preference for its own token over the candidate's: the top-1/top-2 margin
-        # when the candidate took the second choice, wider (and so stricter) for a lower rank.
-        margin = float(lps[0] - lps[(rank or 2) - 1])
-        if _has_top(cand, position + 1, 2):
-            cand_ids = cand.top_ids[position].tolist()
-            back_rank = cand_ids.index(ref_token) + 1 if ref_token in cand_ids else None
-        if rank is not None and rank > 1 and back_rank is not None and margin <= eps:
-            kind = "near_tie"
-    return Divergence(
-        prompt_id="",
-        run="",
-        position=position,
-        reference_token=ref_token,
-        candidate_token=cand_token,
-        reference_text=decode([ref_token]) if ref_token is not None else "<end>",
-        candidate_text=decode([cand_token]) if cand_token is not None else "<end>",
-        margin=margin,
-        candidate_rank=rank,
-        kind=kind,
-        reference_rank=back_rank,
-    )
-
-
 class GenerationCheckpoint(Protocol):
     def load(self, name: str) -> dict[str, Any] | None: ...
 
@@ -267,101 +136,6 @@ def _generate(
     return gen
 
 
-def aggregate_layer_stats(generations: list[Generation]) -> dict[str, dict[str, float]]:
-    """Layer statistics from each generation's own counters, so they add up across a resumed run."""
-    from qualgate.layers.prefix_cache import PrefixCacheStats
-    from qualgate.layers.speculation import SpeculationStats
-
-    totals: dict[str, float] = {}
-    for gen in generations:
-        for key, value in gen.stats.items():
-            totals[key] = totals.get(key, 0) + value
-    stats: dict[str, dict[str, float]] = {}
-    if "proposed_tokens" in totals:
-        stats["speculation"] = SpeculationStats(
-            int(totals["verify_steps"]), int(totals["proposed_tokens"]), int(totals["accepted_tokens"])
-        ).as_dict()
-    if "prefix_queries" in totals:
-        stats["prefix_cache"] = PrefixCacheStats(
-            int(totals["prefix_queries"]),
-            int(totals["prefix_hits"]),
-            int(totals["prefix_prompt_tokens"]),
-            int(totals["prefix_reused_tokens"]),
-        ).as_dict()
-    return stats
-
-
-def measure_noise(reference: Session, candidate_stack: Stack, generations: Sequence[Generation]) -> ShapeNoise | None:
-    """The reference stack's own noise: its greedy sequences scored in the candidate's shapes.
-
-    None when it cannot be measured: an endpoint whose prompt logprobs are unusable (generation-only),
-    or that returns no logprobs of its generated tokens to compare a prefill with."""
-    probe = getattr(reference, "probe", None)
-    if probe is not None and not getattr(probe, "scoring", True):
-        return None
-    if not reference.capabilities.block_scoring and not all(_has_top(g, len(g.token_ids), 1) for g in generations):
-        return None
-    return measure_shape_noise(
-        reference,
-        [(list(g.prompt_ids), list(g.token_ids)) for g in generations],
-        lambda prompt_len, n_new, index: candidate_schedules(candidate_stack, prompt_len, n_new, seed=index),
-        recorded=[g.top_logprobs[:, 0] if _has_top(g, len(g.token_ids), 1) else np.zeros(0) for g in generations],
-    )
-
-
-def _group_stats(
-    prompts: Sequence[Prompt], runs: Sequence[tuple[str, list[Generation]]], divergences: Sequence[Divergence]
-) -> dict[str, dict[str, Any]]:
-    """Samples, exact matches, divergences and speculation acceptance per prompt group."""
-    groups: dict[str, dict[str, Any]] = {}
-    for _run, gens in runs:
-        for prompt, gen in zip(prompts, gens, strict=True):
-            g = groups.setdefault(
-                prompt.group or "prompts",
-                {"samples": 0, "real_divergences": 0, "near_ties": 0, "proposed": 0.0, "accepted": 0.0},
-            )
-            g["samples"] += 1
-            g["proposed"] += gen.stats.get("proposed_tokens", 0.0)
-            g["accepted"] += gen.stats.get("accepted_tokens", 0.0)
-    for d in divergences:
-        g = groups[d.group or "prompts"]
-        g["real_divergences" if d.kind == "real" else "near_ties"] += 1
-    for g in groups.values():
-        proposed, accepted = g.pop("proposed"), g.pop("accepted")
-        if proposed:
-            g["acceptance_rate"] = accepted / proposed
-    groups.update(_acceptance_thirds(prompts, runs, divergences))
-    return groups
-
-
-def _acceptance_thirds(
-    prompts: Sequence[Prompt], runs: Sequence[tuple[str, list[Generation]]], divergences: Sequence[Divergence]
-) -> dict[str, dict[str, Any]]:
-    """The top and bottom third of samples by measured acceptance: where verification did the most and
-    the least work, whatever the prompts were built for."""
-    samples = [
-        (gen.stats["accepted_tokens"] / gen.stats["proposed_tokens"], prompt.id, run)
-        for run, gens in runs
-        for prompt, gen in zip(prompts, gens, strict=True)
-        if gen.stats.get("proposed_tokens")
-    ]
-    if len(samples) < 3:
-        return {}
-    samples.sort()
-    third = len(samples) // 3
-    out = {}
-    for name, part in (("acceptance:measured-low", samples[:third]), ("acceptance:measured-high", samples[-third:])):
-        keys = {(pid, run) for _, pid, run in part}
-        found = [d for d in divergences if (d.prompt_id, d.run) in keys]
-        out[name] = {
-            "samples": len(part),
-            "real_divergences": sum(d.kind == "real" for d in found),
-            "near_ties": sum(d.kind != "real" for d in found),
-            "acceptance_rate": float(np.mean([rate for rate, _, _ in part])),
-        }
-    return out
-
-
 def run_equivalence(
     candidate: Session,
     reference: Session,
@@ -400,7 +174,7 @@ def run_equivalence(
             samples += 1
             position = first_divergence(ref.token_ids, cand.token_ids)
             shared = len(ref.token_ids) if position is None else position
-            if shared and _has_top(ref, shared, 1) and _has_top(cand, shared, 1):
+            if shared and has_top(ref, shared, 1) and has_top(cand, shared, 1):
                 # Teacher-forced check on the shared prefix only: the chosen tokens' logprobs of both sides.
                 # float64: a resumed run reads them back from JSON as float64, and its quantiles must not move.
                 ref_lp = np.asarray(ref.top_logprobs[:shared, 0], dtype=np.float64)
@@ -458,6 +232,6 @@ def run_equivalence(
         problems=problems,
         tolerance=tolerance_summary,
         drift=drift_summary,
-        groups=_group_stats(prompts, cand_runs, divergences),
+        groups=group_stats(prompts, cand_runs, divergences),
         coverage=coverage,
     )

@@ -12,7 +12,8 @@ from qualgate.errors import ConfigError
 from qualgate.fmt import fmt
 from qualgate.gate import Finding
 from qualgate.instruments.base import Gate, Instrument, Tiers, numeric_leaves, sections
-from qualgate.instruments.equivalence.check import Divergence, run_equivalence
+from qualgate.instruments.equivalence.check import run_equivalence
+from qualgate.instruments.equivalence.divergence import Divergence
 from qualgate.instruments.equivalence.probes import Prompt, prefix_probes, speculation_probes
 from qualgate.instruments.equivalence.section import EquivalenceSection, probe_text_path
 from qualgate.instruments.generation import GENERATION_KINDS, reference_stack

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field
 
 from qualgate import golden
-from qualgate.instruments.equivalence.check import TOLERANCE_FACTOR, TOLERANCE_FLOOR, EquivalenceConfig, load_prompts
+from qualgate.instruments.equivalence.check import load_prompts
 from qualgate.instruments.equivalence.probes import Prompt
+from qualgate.instruments.equivalence.tolerance import TOLERANCE_FACTOR, TOLERANCE_FLOOR, EquivalenceConfig
 from qualgate.store import file_sha256
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from qualgate.fmt import fmt
+from qualgate.fmt import fmt, interval
 from qualgate.gate import Finding
 from qualgate.instruments.base import Gate, Instrument, Tiers, estimate_metrics, sections
 from qualgate.instruments.judge.client import JudgeClient, judge_identity
@@ -123,7 +123,7 @@ class Judge(Instrument[JudgeConfig]):
             valid = j.get("validity", {}).get("valid", True)
             lines.append(
                 f"| `{name}` | {p.get('win', '-')} / {p.get('tie', '-')} / {p.get('loss', '-')} | "
-                f"{fmt(net.get('value'))} [{fmt(net.get('low'))}, {fmt(net.get('high'))}] | "
+                f"{interval(net)} | "
                 f"{fmt(p.get('position_consistency'))} | {fmt(p.get('length_delta'))} | {grade} | "
                 f"{('even' if control['valid'] else 'UNEVEN') if control else '-'}"
                 f"{'' if valid else ' — finding INVALID: ' + '; '.join(j['validity']['reasons'])} |"
