@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from qualgate import ConfigError, ModelSpec, build_stack, open_session
+from qualgate import ConfigError, ModelSpec, build_stack, golden_record, open_session
 from qualgate import golden as golden_store
 from qualgate.cli import main
 from qualgate.fixtures import bundled_model_path
@@ -24,7 +24,7 @@ TEXT_PATH = str(Path(__file__).resolve().parent.parent / "evals" / "domain" / "c
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory, base_session: Any, domain_text: str) -> Path:
     out = tmp_path_factory.mktemp("golden") / "target"
-    golden_store.record(base_session, domain_text, CONFIG, out, text_source=TEXT_PATH)
+    golden_record.record(base_session, domain_text, CONFIG, out, text_source=TEXT_PATH)
     return out
 
 
@@ -96,7 +96,7 @@ def test_record_refuses_a_stack_with_layers(tmp_path: Path, domain_text: str) ->
         open_session(build_stack({"path": "bundled:target"}, [{"kind": "speculation", "method": "ngram"}])) as s,
         pytest.raises(ConfigError, match="record the baseline"),
     ):
-        golden_store.record(s, domain_text, CONFIG, tmp_path / "g")
+        golden_record.record(s, domain_text, CONFIG, tmp_path / "g")
 
 
 def test_missing_or_corrupt_manifest(tmp_path: Path) -> None:
