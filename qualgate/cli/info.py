@@ -9,12 +9,13 @@ from qualgate.version import __version__
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """What this installation offers: bundled models (with their card), backends and layers."""
+    """What this installation offers: bundled models (with their card), layers, backends and instruments."""
     from rich.console import Console
     from rich.table import Table
 
     from qualgate.backends import BACKENDS
     from qualgate.fixtures import BUNDLED_MODELS, model_card
+    from qualgate.instruments import INSTRUMENTS
     from qualgate.layers import LAYER_KINDS, LAYERS
 
     console = Console(no_color=args.no_color)
@@ -34,10 +35,15 @@ def cmd_info(args: argparse.Namespace) -> int:
             layers.add_row(kind, method, "yes" if cls.lossless else "no", defaults)
     console.print(layers)
     console.print("backends: " + ", ".join(BACKENDS.names()))
+    instruments = Table("instrument", "section", "gated metrics (bigger is worse?)", title="instruments")
+    for name, kind in INSTRUMENTS.entries():
+        gated = ", ".join(f"{m} ({'yes' if worse else 'no'})" for m, worse in kind.metrics.items())
+        instruments.add_row(name, kind.section_key(), gated or "-")
+    console.print(instruments)
     return 0
 
 
 def add_commands(commands: Any) -> None:
-    info = commands.add_parser("info", help="list bundled models, backends and layers")
+    info = commands.add_parser("info", help="list bundled models, layers, backends and instruments")
     info.add_argument("--no-color", action="store_true")
     info.set_defaults(func=cmd_info)
