@@ -36,9 +36,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     console.print(layers)
     console.print("backends: " + ", ".join(BACKENDS.names()))
     instruments = Table("instrument", "section", "gated metrics (bigger is worse?)", title="instruments")
-    for name, kind in INSTRUMENTS.entries():
-        gated = ", ".join(f"{m} ({'yes' if worse else 'no'})" for m, worse in kind.metrics.items())
-        instruments.add_row(name, kind.section_key(), gated or "-")
+    for name, instrument in INSTRUMENTS.entries():
+        gated = ", ".join(f"{m} ({'yes' if worse else 'no'})" for m, worse in instrument.metrics.items())
+        instruments.add_row(name, instrument.section_key(), gated or "-")
     console.print(instruments)
     return 0
 
