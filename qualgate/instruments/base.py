@@ -12,7 +12,7 @@ An instrument owns everything about its measurement, so adding one is a module p
   summary.md and in MLflow. These read report.json alone (no run context), so `qualgate track` can
   log a finished run; the defaults log every number of the section and add nothing to the summary.
 
-Built-ins register with `@register_instrument` exactly as a plug-in does; a pipeline may also name an
+Built-ins register with `register_instrument` (instruments/__init__.py) as a plug-in does; a pipeline may also name an
 instrument class by its import path (`instruments: {"mypkg.latency:Latency": {...}}`).
 """
 
