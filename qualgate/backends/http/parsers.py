@@ -12,15 +12,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from qualgate.backends.rows import Row
 from qualgate.errors import InfrastructureError
 
-# (logprob, rank) of each token id a prompt_logprobs entry lists; None for the first position.
-Table = dict[int, tuple[float, int]]
+
+class Entry(NamedTuple):
+    """One token id of a prompt_logprobs entry."""
+
+    logprob: float
+    rank: int
+    decoded: str  # the server's text of the token (its id when the server gives none)
+
+
+Table = dict[int, Entry]  # a position's entry by token id; None for the first position
 
 
 @dataclass(frozen=True)
@@ -40,12 +48,15 @@ def echo_fields(response: dict[str, Any]) -> tuple[list[str], list[float | None]
 
 
 def prompt_logprob_tables(response: dict[str, Any]) -> list[Table | None]:
-    """vLLM's `prompt_logprobs`: per prompt token {token_id: (logprob, rank)}, holding the actual token
-    (with its true rank) and the top-k; the first entry is None (nothing predicts it)."""
+    """vLLM's `prompt_logprobs`: per prompt token {token_id: Entry}, holding the actual token (with its
+    true rank) and the top-k; the first entry is None (nothing predicts it)."""
     return [
         None
         if entry is None
-        else {int(key): (float(value["logprob"]), int(value.get("rank") or 0)) for key, value in entry.items()}
+        else {
+            int(key): Entry(float(value["logprob"]), int(value.get("rank") or 0), str(value.get("decoded_token", key)))
+            for key, value in entry.items()
+        }
         for entry in response["choices"][0].get("prompt_logprobs") or []
     ]
 
@@ -60,14 +71,10 @@ def from_vllm_prompt_logprobs(response: dict[str, Any]) -> PromptLogprobs:
     """vLLM's `prompt_logprobs` with the prompt's token ids (`prompt_token_ids`), as tokens and logprobs."""
     tokens: list[str] = []
     values: list[float | None] = []
-    entries = response["choices"][0]["prompt_logprobs"]
-    decoded = [{str(k): v.get("decoded_token") for k, v in (e or {}).items()} for e in entries]
-    for table, names, token_id in zip(
-        prompt_logprob_tables(response), decoded, response.get("prompt_token_ids") or [], strict=False
-    ):
+    for table, token_id in zip(prompt_logprob_tables(response), response.get("prompt_token_ids") or [], strict=False):
         chosen = None if table is None else table.get(int(token_id))
-        tokens.append(str(names.get(str(token_id)) or token_id) if chosen else str(token_id))
-        values.append(chosen[0] if chosen else None)
+        tokens.append(chosen.decoded if chosen else str(token_id))
+        values.append(chosen.logprob if chosen else None)
     return PromptLogprobs(tokens, values)
 
 
@@ -82,8 +89,8 @@ def rows_from_prompt_logprobs(ids: Sequence[int], response: dict[str, Any], top_
         if ids[position] not in table:
             raise InfrastructureError(f"endpoint {endpoint} gave no logprob for prompt position {position}")
         # vLLM adds the scored token with its true rank: it is in `top` only if it is in the top-k.
-        top = {t: logprob for t, (logprob, rank) in table.items() if rank <= top_k}
-        out.append(Row(table[ids[position]][0], top))
+        top = {t: entry.logprob for t, entry in table.items() if entry.rank <= top_k}
+        out.append(Row(table[ids[position]].logprob, top))
     return out
 
 
