@@ -14,8 +14,10 @@ install:
 demo: install
 	$(PYTHON) -m qualgate run
 
+# One worker per core (pytest-xdist), handed one test at a time, the slow ones first (tests/conftest.py),
+# so no worker is left with a queue of long tests; `python -m pytest -q` runs the same tests in one process.
 test:
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --maxschedchunk 1
 
 lint:
 	ruff check qualgate tests benchmarks

@@ -22,8 +22,20 @@ EVALS = REPO / "evals"
 def pytest_configure(config: pytest.Config) -> None:
     import torch
 
-    # Two cores: one thread per test process keeps timings stable and results deterministic.
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # Two cores: at most two threads per test process keeps timings stable and results deterministic.
+    # Under pytest-xdist (`-n N`) every worker gets its share of the cores, and so do the engine
+    # servers and `qualgate run` subprocesses it starts (they read the environment).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, min(2, os.cpu_count() or 1) // workers)
+    if workers > 1:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow tests first (in file order): spread over workers, the long ones must not start last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session", autouse=True)

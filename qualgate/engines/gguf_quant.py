@@ -35,6 +35,12 @@ def model_key(spec: ModelSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _partial(out: Path) -> Path:
+    # Per process: two runs sharing a cache directory may convert the same model at once; each writes
+    # its own file and the last rename wins (the contents are the same).
+    return out.with_name(f".{out.name}.{os.getpid()}.partial")
+
+
 def baseline_gguf(spec: ModelSpec, cache_dir: Path) -> Path:
     """The model as an unquantized GGUF in its own dtype (float32 stays float32: the engine baseline)."""
     local = spec.local_path()
@@ -48,7 +54,7 @@ def baseline_gguf(spec: ModelSpec, cache_dir: Path) -> Path:
     out = cache_dir / f"{local.name}-{model_key(spec)}-{dtype}.gguf"
     if not out.is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = out.with_suffix(".partial")
+        partial = _partial(out)
         convert(local, partial, dtype=dtype)
         os.replace(partial, out)  # a crash mid-write never leaves a truncated file under the real name
     return out
@@ -70,7 +76,7 @@ def quantized_gguf(spec: ModelSpec, quant_type: str, cache_dir: Path, quantize_o
     params.ftype = FTYPES[quant_type]
     params.nthread = os.cpu_count() or 1
     params.quantize_output_tensor = quantize_output
-    partial = out.with_suffix(".partial")
+    partial = _partial(out)
     code = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params))
     if code != 0 or not partial.is_file():
         raise InfrastructureError(f"llama_model_quantize({source.name} -> {quant_type}) failed with code {code}")
