@@ -26,6 +26,8 @@ DEFAULT_NAMES = {
     ("kv_quant", "quanto"): "kv-int4",
     ("kv_quant", "fp8"): "kv-fp8-e4m3",
     ("kv_quant", "ggml"): "kv-q8_0",
+    ("kv_quant", "turboquant"): "kv-turboquant3",
+    ("kv_quant", "kivi"): "kv-kivi2",
     ("speculation", "draft_model"): "spec-draft4",
     ("speculation", "ngram"): "spec-ngram4",
     ("speculation", "draft_model_typical"): "spec-typical4",
@@ -43,6 +45,8 @@ ALTERNATIVES: dict[tuple[str, str], dict[str, Any]] = {
     ("kv_quant", "quanto"): {"bits": 2, "q_group_size": 32, "residual_length": 32, "axis_key": -1, "axis_value": -1},
     ("kv_quant", "fp8"): {"format": "e5m2", "scale": 0.002},
     ("kv_quant", "ggml"): {"type_k": "q4_0", "type_v": "f16"},
+    ("kv_quant", "turboquant"): {"bits": 2.5, "qjl": True, "seed": 1},
+    ("kv_quant", "kivi"): {"bits": 4, "group_size": 16, "residual_length": 64},
     ("speculation", "draft_model"): {"num_speculative_tokens": 2, "draft": "bundled:other"},
     ("speculation", "ngram"): {"num_speculative_tokens": 2, "prompt_lookup_max": 5, "prompt_lookup_min": 2},
     ("speculation", "draft_model_typical"): {

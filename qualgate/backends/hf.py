@@ -97,6 +97,8 @@ class HFSession(TokenizedSession):
         self.max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 0)
         kv_layer = stack.layer("kv_quant")
         self.kv_layer = kv_layer if isinstance(kv_layer, KVQuantLayer) else None
+        if self.kv_layer is not None:
+            self.kv_layer.make_cache(self.config)  # a setting the model cannot take fails here, not mid-run
         spec = stack.layer("speculation")
         self.speculation = spec if isinstance(spec, SpeculationLayer) else None
         proposer = self.speculation.make_proposer(stack.model.torch_dtype()) if self.speculation else None

@@ -1,6 +1,6 @@
 """Optimization layers. Built-in methods register on import; plug-ins are named by "module:Class"."""
 
-from qualgate.layers import engine, kv_quant, prefix_cache, speculation, weight_quant
+from qualgate.layers import engine, kv_quant, kv_rotated, prefix_cache, speculation, weight_quant
 from qualgate.layers.base import (
     KIND_BASES,
     LAYER_KINDS,
@@ -36,6 +36,7 @@ __all__ = [
     "build_layer",
     "engine",
     "kv_quant",
+    "kv_rotated",
     "prefix_cache",
     "register_layer",
     "speculation",

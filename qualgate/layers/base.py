@@ -108,6 +108,13 @@ class KVQuantLayer(Layer[P]):
     def make_cache(self, config: PretrainedConfig) -> Cache:
         """A fresh, empty KV cache that quantizes K and V as they are written."""
 
+    def storage_bits(self, config: PretrainedConfig, float_bits: int) -> dict[str, float] | None:
+        """Bits per K and V element a cache keeping this layer's codes stores, metadata (scales, norms)
+        included: {"key", "value", "mean"} and, where recent tokens stay unquantized,
+        "full_precision_tokens" (stored at `float_bits`, the model's dtype). None when the method does
+        not say (a plug-in)."""
+        return None
+
 
 class Proposer(ABC):
     """Proposes draft tokens for one sequence; verification belongs to the decoding loop."""

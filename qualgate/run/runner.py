@@ -17,6 +17,7 @@ from qualgate.report_model import REPORT_VERSION
 from qualgate.run.compound import compound_table
 from qualgate.run.context import OnProgress, RunContext
 from qualgate.run.provenance import git_state
+from qualgate.run.storage import kv_storage_bits
 from qualgate.version import __version__
 
 
@@ -51,9 +52,13 @@ class Runner:
             if section:
                 sections[instrument.name] = section
                 findings += instrument.findings(section, planned.stack, self.gated)
+        layers = []
+        for name, bits in zip(planned.layer_names, kv_storage_bits(planned.stack), strict=True):
+            # What a KV layer stores per element (metadata included) sits beside its configuration.
+            layers.append({"name": name, **self.pipeline.layers[name], **({"storage_bits": bits} if bits else {})})
         return {
             "name": planned.stack.name,
-            "layers": [{"name": n, **self.pipeline.layers[n]} for n in planned.layer_names],
+            "layers": layers,
             "role": planned.role,
             "step": planned.step,
             "lossless": planned.stack.lossless,
