@@ -11,6 +11,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, model_validator
 
+from qualgate.budgets import check_budgets
 from qualgate.errors import ConfigError
 from qualgate.gate import METRIC_DIRECTION
 from qualgate.instruments import Instrument, instruments_for
@@ -81,6 +82,8 @@ class Pipeline(Strict):
     # gate.inconclusive in the YAML: what a finding that crosses a threshold only for lack of samples
     # counts as. Kept beside the thresholds for the user, held apart from them here.
     gate_inconclusive: InconclusivePolicy = "warn"
+    # gate.budgets in the YAML: per layer, the most it may add to a metric (qualgate/budgets.py).
+    budgets: dict[str, dict[str, float]] = Field(default_factory=dict)
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="before")
@@ -107,18 +110,21 @@ class Pipeline(Strict):
             )
         data = {**data, "instruments": sections}
         gate = data.get("gate", {})
-        if isinstance(gate, dict) and set(gate) <= {"inconclusive"}:
+        if isinstance(gate, dict) and set(gate) <= {"inconclusive", "budgets"}:
             data["gate"] = {**default_gate(tuple(plugins)), **gate}  # `gate: {inconclusive: fail}` keeps them
         return data
 
     @model_validator(mode="before")
     @classmethod
     def _split_gate_policy(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("gate"), dict) and "inconclusive" in data["gate"]:
+        gate_keys = set(data["gate"]) if isinstance(data, dict) and isinstance(data.get("gate"), dict) else set()
+        if {"inconclusive", "budgets"} & gate_keys:
             gate = dict(data["gate"])
-            policy = gate.pop("inconclusive")
+            moved = {"gate_inconclusive": gate.pop("inconclusive")} if "inconclusive" in gate else {}
+            if "budgets" in gate:
+                moved["budgets"] = gate.pop("budgets")
             # `gate: {inconclusive: fail}` alone keeps the default thresholds with a stricter policy.
-            data = {**data, "gate_inconclusive": policy, **({"gate": gate} if gate else {})}
+            data = {**data, **moved, **({"gate": gate} if gate else {})}
             if not gate:
                 data.pop("gate")
         return data
@@ -180,6 +186,7 @@ def load_pipeline(path: Path) -> Pipeline:
             )
         check_tier_order(metric, tiers, where)
     pipeline.built_layers(where)  # every layer is checked now, not halfway through a run
+    check_budgets(pipeline.budgets, pipeline.layers, where)
     if pipeline.stacks != "auto":
         names: dict[str, int] = {}
         for i, stack in enumerate(pipeline.stacks):

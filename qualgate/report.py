@@ -12,7 +12,7 @@ from xml.etree import ElementTree as ET
 
 from qualgate import report_model
 from qualgate.errors import ConfigError
-from qualgate.fmt import fmt
+from qualgate.fmt import fmt, interval
 from qualgate.fsio import atomic_write_text, write_failure
 from qualgate.instruments.base import publishers
 
@@ -77,11 +77,35 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{fmt(row['kl_mean']['vs_previous'])} | {fmt(row['kl_mean']['interaction'])} | "
                 f"{fmt(row['ln_ppl_ratio']['vs_baseline'])} | {fmt(row['top1_loss']['vs_baseline'])} |"
             )
+    lines += _budget_lines(report)
     lines += _inconclusive_lines(report)
     for instrument in publishers(report):
         lines += instrument.summary_lines(report)
     lines.append("")
     return "\n".join(lines)
+
+
+def _budget_lines(report: dict[str, Any]) -> list[str]:
+    """Each layer's budget against what it added: on the ladder (vs the step before) and alone."""
+    rows = [(s["name"], row) for s in report["stacks"] for row in s.get("budgets", [])]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### Layer budgets (what each layer adds, paired per token)",
+        "",
+        "| layer | metric | budget | stack | against | added [95%] | alone | interaction | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in rows:
+        inc = row["increment"]
+        added = fmt(inc["value"]) if inc.get("high") is None else interval(inc)
+        alone = interval(row["single"]) if "single" in row else "-"
+        lines.append(
+            f"| `{row['layer']}` | {row['metric']} | {fmt(row['budget'])} | `{name}` | `{row['against']}` | "
+            f"{added} | {alone} | {fmt(row.get('interaction'))} | {row['status']} |"
+        )
+    return lines
 
 
 def _inconclusive_lines(report: dict[str, Any]) -> list[str]:

@@ -40,6 +40,6 @@ def test_the_readme_is_short_and_starts_with_the_two_commands() -> None:
     assert text.splitlines()[2:6] == [
         "```bash",
         "make demo    # installs qualgate (CPU torch, all extras) and runs `qualgate run` on the bundled demo",
-        "make test    # runs the test suite (python -m pytest -q)",
+        "make test    # runs the test suite on every core (python -m pytest -q -n auto)",
         "```",
     ]

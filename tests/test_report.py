@@ -1250,3 +1250,36 @@ def test_markdown_of_a_stack_without_instruments_skips_every_instrument_section(
     text = report.markdown(make_report([bare], "pass", "pass", 0))
     assert "| `bare` | PASS |" in text
     assert "### Lossless layers" not in text and "### Decode path" not in text
+
+
+def test_markdown_lists_each_budget_with_what_the_layer_added() -> None:
+    step = stack("w4+kv", [], "fail", "fail", [])
+    step["budgets"] = [
+        {
+            "layer": "kv",
+            "metric": "kl_mean",
+            "budget": 0.003,
+            "against": "w4",
+            "increment": {"value": 0.004, "low": 0.0035, "high": 0.0045},
+            "single": {"value": 0.003, "low": 0.0025, "high": 0.0035},
+            "interaction": 0.001,
+            "status": "fail",
+        },
+        {
+            "layer": "spec",
+            "metric": "real_divergences",
+            "budget": 0.0,
+            "against": "w4+kv",
+            "increment": {"value": 0.0, "low": None, "high": None},
+            "status": "pass",
+        },
+    ]
+    lines = report.markdown(make_report([step], "fail", "fail", 0)).split("\n")
+    start = lines.index("### Layer budgets (what each layer adds, paired per token)")
+    assert lines[start + 2 : start + 6] == [
+        "| layer | metric | budget | stack | against | added [95%] | alone | interaction | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| `kv` | kl_mean | 0.003 | `w4+kv` | `w4` | 0.004 [0.0035, 0.0045] | 0.003 [0.0025, 0.0035] | 0.001 | fail |",
+        "| `spec` | real_divergences | 0 | `w4+kv` | `w4+kv` | 0 | - | - | pass |",
+    ]
+    assert "### Layer budgets" not in report.markdown(q4_report()), "no budgets, no section"

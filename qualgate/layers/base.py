@@ -110,7 +110,7 @@ class KVQuantLayer(Layer[P]):
 
     def storage_bits(self, config: PretrainedConfig, float_bits: int) -> dict[str, float] | None:
         """Bits per K and V element a cache keeping this layer's codes stores, metadata (scales, norms)
-        included: {"key", "value", "mean"} and, where recent tokens stay unquantized,
+        included: {"keys", "values", "mean"} and, where recent tokens stay unquantized,
         "full_precision_tokens" (stored at `float_bits`, the model's dtype). None when the method does
         not say (a plug-in)."""
         return None

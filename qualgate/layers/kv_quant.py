@@ -59,7 +59,7 @@ class QuantoKV(KVQuantLayer[QuantoKVParams]):
     def storage_bits(self, config: PretrainedConfig, float_bits: int) -> dict[str, float]:
         # quanto keeps a scale and a zero point per group in the model's float dtype.
         bits = self.params.bits + 2 * float_bits / self.params.q_group_size
-        return {"key": bits, "value": bits, "mean": bits, "full_precision_tokens": float(self.params.residual_length)}
+        return {"keys": bits, "values": bits, "mean": bits, "full_precision_tokens": float(self.params.residual_length)}
 
 
 def _fp8_layer_class() -> type[Any]:
@@ -118,4 +118,4 @@ class Fp8KV(KVQuantLayer[Fp8KVParams]):
         return Cache(layers=[layer_class(dtype, p.scale) for _ in range(text_config.num_hidden_layers)])
 
     def storage_bits(self, config: PretrainedConfig, float_bits: int) -> dict[str, float]:
-        return {"key": 8.0, "value": 8.0, "mean": 8.0}  # one scale for the whole cache
+        return {"keys": 8.0, "values": 8.0, "mean": 8.0}  # one scale for the whole cache

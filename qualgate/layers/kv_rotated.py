@@ -117,7 +117,7 @@ class TurboQuantKV(KVQuantLayer[TurboQuantKVParams]):
     def storage_bits(self, config: PretrainedConfig, float_bits: int) -> dict[str, float]:
         [(keys, values), *_] = self.codecs(config)
         key, value = keys[0].storage_bits(), values[0].storage_bits()
-        return {"key": key, "value": value, "mean": (key + value) / 2}
+        return {"keys": key, "values": value, "mean": (key + value) / 2}
 
 
 class KiviKVParams(LayerParams):
@@ -194,4 +194,4 @@ class KiviKV(KVQuantLayer[KiviKVParams]):
         from qualgate.quant.kivi import storage_bits
 
         bits = storage_bits(self.params.bits, self.params.group_size)
-        return {"key": bits, "value": bits, "mean": bits, "full_precision_tokens": float(self.params.residual_length)}
+        return {"keys": bits, "values": bits, "mean": bits, "full_precision_tokens": float(self.params.residual_length)}

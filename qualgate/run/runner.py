@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qualgate.budgets import budget_finding, budget_rows
 from qualgate.config import Pipeline
 from qualgate.gate import Finding, judge, verdict, worst_status
 from qualgate.instruments import Instrument
@@ -43,8 +44,8 @@ class Runner:
             finding, tiers.warn if tiers else None, tiers.fail if tiers else None, self.pipeline.gate_inconclusive
         )
 
-    def stack(self, planned: PlannedStack, instruments: list[Instrument[Any]]) -> dict[str, Any]:
-        """One stack through every instrument: its report sections, findings and verdict."""
+    def stack(self, planned: PlannedStack, instruments: list[Instrument[Any]]) -> tuple[dict[str, Any], list[Finding]]:
+        """One stack through every instrument: its report entry (without a verdict yet) and findings."""
         sections: dict[str, Any] = {}
         findings: list[Finding] = []
         for instrument in instruments:
@@ -56,13 +57,44 @@ class Runner:
         for name, bits in zip(planned.layer_names, kv_storage_bits(planned.stack), strict=True):
             # What a KV layer stores per element (metadata included) sits beside its configuration.
             layers.append({"name": name, **self.pipeline.layers[name], **({"storage_bits": bits} if bits else {})})
-        return {
+        entry = {
             "name": planned.stack.name,
             "layers": layers,
             "role": planned.role,
             "step": planned.step,
             "lossless": planned.stack.lossless,
             "instruments": sections,
+        }
+        return entry, findings
+
+    def budgets(self, planned: PlannedStack, entry: dict[str, Any], done: dict[tuple[str, ...], Any]) -> list[Finding]:
+        """The layer budgets this stack spends: a ladder step's added layer against the step before it,
+        a single layer against the baseline (rows into the entry, judged findings out)."""
+        if not self.pipeline.budgets or planned.role not in ("ladder", "single"):
+            return []
+        added = planned.layer_names[-1]
+        rows = budget_rows(
+            self.pipeline.budgets,
+            added,
+            entry,
+            done.get(planned.layer_names[:-1]),
+            done.get((added,)),
+            self.ctx.out,
+        )
+        chunks = entry["instruments"].get("fidelity", {}).get("n_chunks")
+        findings = []
+        for row in rows:
+            finding = judge(budget_finding(row, chunks), None, row["budget"], self.pipeline.gate_inconclusive)
+            row["status"] = finding.status
+            findings.append(finding)
+        if rows:
+            entry["budgets"] = rows
+        return findings
+
+    @staticmethod
+    def finish(entry: dict[str, Any], findings: list[Finding]) -> dict[str, Any]:
+        return {
+            **entry,
             "findings": [f.as_dict() for f in findings],
             **verdict(findings),
             "reasons": [f"{f.instrument}.{f.reason}" for f in findings if f.status != "pass"],
@@ -73,7 +105,11 @@ class Runner:
         checked = checked or preflight(self.pipeline, self.where)
         instruments = checked.instruments
         with self.ctx as ctx:
-            stacks = [self.stack(planned, instruments) for planned in self.planned]
+            measured = [(planned, *self.stack(planned, instruments)) for planned in self.planned]
+            # Budgets compare stacks with each other (a step with the one before, a layer alone), so they
+            # are judged once every stack is measured.
+            done = {planned.layer_names: entry for planned, entry, _ in measured}
+            stacks = [self.finish(e, f + self.budgets(p, e, done)) for p, e, f in measured]
             provenance: dict[str, Any] = {
                 "qualgate": __version__,
                 "git": git_state(),

@@ -108,6 +108,9 @@ def stack_spec(
         for metric in ("kl_mean", "ln_ppl_ratio", "top1_loss"):
             for part in COMPOUND_PARTS:
                 spec.metric(f"compound/{metric}_{part}", compound_row[metric].get(part), step)
+    for row in stack.get("budgets", []):
+        spec.metric(f"budget/{row['layer']}/{row['metric']}", row["increment"]["value"], step)
+        spec.metric(f"budget/{row['layer']}/{row['metric']}_high", row["increment"].get("high"), step)
     spec.metric("gate/level", VERDICT_LEVEL[stack["verdict"]], step)
     spec.metric("gate/findings_failed", sum(f["status"] == "fail" for f in stack["findings"]), step)
     spec.metric("gate/findings_warned", sum(f["status"] == "warn" for f in stack["findings"]), step)
