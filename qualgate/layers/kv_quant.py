@@ -62,6 +62,11 @@ class QuantoKV(KVQuantLayer[QuantoKVParams]):
         return {"keys": bits, "values": bits, "mean": bits, "full_precision_tokens": float(self.params.residual_length)}
 
 
+def layer_count(config: PretrainedConfig) -> int:
+    """Decoder layers of the model: one cache layer each."""
+    return int(config.get_text_config(decoder=True).num_hidden_layers)
+
+
 def _fp8_layer_class() -> type[Any]:
     """Built lazily so that importing qualgate never imports transformers."""
     import torch
@@ -114,8 +119,7 @@ class Fp8KV(KVQuantLayer[Fp8KVParams]):
         p = self.params
         dtype = torch.float8_e4m3fn if p.format == "e4m3" else torch.float8_e5m2
         layer_class = _fp8_layer_class()
-        text_config = config.get_text_config(decoder=True)
-        return Cache(layers=[layer_class(dtype, p.scale) for _ in range(text_config.num_hidden_layers)])
+        return Cache(layers=[layer_class(dtype, p.scale) for _ in range(layer_count(config))])
 
     def storage_bits(self, config: PretrainedConfig, float_bits: int) -> dict[str, float]:
         return {"keys": 8.0, "values": 8.0, "mean": 8.0}  # one scale for the whole cache

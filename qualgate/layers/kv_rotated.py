@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 
 from qualgate.errors import ConfigError
 from qualgate.layers.base import KVQuantLayer, LayerParams, register_layer
+from qualgate.layers.kv_quant import layer_count
 
 if TYPE_CHECKING:
     from transformers import Cache, PretrainedConfig
@@ -24,10 +25,6 @@ if TYPE_CHECKING:
 def head_dim(config: PretrainedConfig) -> int:
     text = config.get_text_config(decoder=True)
     return int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
-
-
-def _layer_count(config: PretrainedConfig) -> int:
-    return int(config.get_text_config(decoder=True).num_hidden_layers)
 
 
 class TurboQuantKVParams(LayerParams):
@@ -91,7 +88,7 @@ class TurboQuantKV(KVQuantLayer[TurboQuantKVParams]):
 
         dim, p = head_dim(config), self.params
         heads = int(config.get_text_config(decoder=True).num_key_value_heads or 1)
-        shape = (dim, heads, _layer_count(config))
+        shape = (dim, heads, layer_count(config))
         if shape not in self._codecs:
             layers = []
             try:
@@ -188,7 +185,7 @@ class KiviKV(KVQuantLayer[KiviKVParams]):
                 "use a divisor of it"
             )
         layer_class = _kivi_layer_class()
-        return Cache(layers=[layer_class(p.bits, p.group_size, p.residual_length) for _ in range(_layer_count(config))])
+        return Cache(layers=[layer_class(p.bits, p.group_size, p.residual_length) for _ in range(layer_count(config))])
 
     def storage_bits(self, config: PretrainedConfig, float_bits: int) -> dict[str, float]:
         from qualgate.quant.kivi import storage_bits
