@@ -14,10 +14,10 @@ install:
 demo: install
 	$(PYTHON) -m qualgate run
 
-# One worker per core (pytest-xdist), handed one test at a time, the slow ones first (tests/conftest.py),
-# so no worker is left with a queue of long tests; `python -m pytest -q` runs the same tests in one process.
+# One worker per core (pytest-xdist), the slow tests first and the tests sharing a module-scoped fixture
+# (a server, a logged run) on one worker (tests/conftest.py); `python -m pytest -q` runs them in one process.
 test:
-	$(PYTHON) -m pytest -q -n auto --maxschedchunk 1
+	$(PYTHON) -m pytest -q -n auto --dist loadgroup
 
 lint:
 	ruff check qualgate tests benchmarks

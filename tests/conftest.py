@@ -33,9 +33,27 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(threads)
 
 
+# Modules whose slow tests start engine servers (vLLM, llama.cpp) that take every core they are given:
+# two at once on two cores run each about 3x slower, so they share one xdist group (one worker, in turn).
+ENGINE_MODULES = ("test_engine_runs", "test_judge")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The slow tests first (in file order): spread over workers, the long ones must not start last."""
+    """The slow tests first (in file order): spread over workers, the long ones must not start last.
+
+    Under `--dist loadgroup`, the engine tests run one after another on one worker, and a test that uses
+    a module-scoped fixture (an MLflow server with a logged run, a converted GGUF) joins its module's
+    group: the fixture is built once, on one worker, not once on every worker that gets one of its tests."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    for item in items:
+        module = item.module.__name__ if item.module else ""
+        info = getattr(item, "_fixtureinfo", None)
+        definitions = info.name2fixturedefs.values() if info is not None else []
+        if module in ENGINE_MODULES and item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group("engines"))
+        elif any(defs[-1].scope == "module" for defs in definitions):
+            item.add_marker(pytest.mark.xdist_group(module or item.nodeid))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -156,7 +156,9 @@ def test_two_bit_flips_significantly_eight_bit_does_not(tmp_path: Path) -> None:
     }
     path = pipeline_file(tmp_path, layers, stacks=[{"layers": []}, {"layers": ["w8"]}, {"layers": ["w2"]}])
     data = yaml.safe_load(path.read_text())
-    data["instruments"] = {"benchmarks": {"tasks": ["qg_cloze", "qg_word_order"]}}
+    # One task: 1,000 paired documents resolve the 2-bit model's small loss (35 vs 14 flips measured);
+    # a second task would only add requests (Holm across tasks is covered by hand above).
+    data["instruments"] = {"benchmarks": {"tasks": ["qg_word_order"]}}
     data.pop("gate", None)  # the default tiers: recovery warn 0.99, fail 0.97
     data["tracking"] = {"enabled": False}
     path.write_text(yaml.safe_dump(data))
@@ -175,7 +177,7 @@ def test_two_bit_flips_significantly_eight_bit_does_not(tmp_path: Path) -> None:
     assert len(flips) == order_w2["flips_b"] + order_w2["flips_c"]
     assert {"doc_id", "kind", "baseline", "candidate"} <= set(flips[0]) and flips[0]["baseline"].startswith("choice")
     samples = json.loads((tmp_path / "run" / stacks["w2"]["instruments"]["benchmarks"]["samples"]).read_text())
-    assert {t["task"] for t in samples} == {"qg_cloze", "qg_word_order"} and len(samples[1]["samples"]) == 1000
+    assert [t["task"] for t in samples] == ["qg_word_order"] and len(samples[0]["samples"]) == 1000
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "### Benchmarks (paired with the baseline, per document)" in summary and "| `w2` | qg_word_order" in summary
 
