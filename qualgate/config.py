@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar, cast
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, model_validator
 
 from qualgate.budgets import check_budgets
+from qualgate.claims import Claim
 from qualgate.errors import ConfigError
 from qualgate.gate import METRIC_DIRECTION
 from qualgate.instruments import Instrument, instruments_for
@@ -84,6 +85,8 @@ class Pipeline(Strict):
     gate_inconclusive: InconclusivePolicy = "warn"
     # gate.budgets in the YAML: per layer, the most it may add to a metric (qualgate/budgets.py).
     budgets: dict[str, dict[str, float]] = Field(default_factory=dict)
+    # Published statements checked against this run's numbers (qualgate/claims.py); they do not gate.
+    claims: list[Claim] = Field(default_factory=list)
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="before")

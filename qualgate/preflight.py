@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from qualgate.backends import get_backend
+from qualgate.claims import check_claims
 from qualgate.config import Pipeline
 from qualgate.errors import ConfigError
+from qualgate.gate import METRIC_DIRECTION
 from qualgate.instruments import Instrument
 from qualgate.plan import PlannedStack, plan
 from qualgate.requirements import check_installed
@@ -60,6 +62,7 @@ def preflight(pipeline: Pipeline, where: str) -> Checked:
     pipeline.model.local_path()  # a missing model directory, before any instrument needs it
     planned = plan(pipeline, pipeline.built_layers(where))
     _unique_names(planned, where)
+    check_claims(pipeline.claims, [p.stack.name for p in planned], METRIC_DIRECTION, where)
     check_backend(pipeline, [p.stack for p in planned], where)
     instruments = pipeline.active_instruments()
     for instrument in instruments:

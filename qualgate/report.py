@@ -11,6 +11,7 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 from qualgate import report_model
+from qualgate.claims import summary_lines as claim_lines
 from qualgate.errors import ConfigError
 from qualgate.fmt import fmt, interval
 from qualgate.fsio import atomic_write_text, write_failure
@@ -78,6 +79,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{fmt(row['ln_ppl_ratio']['vs_baseline'])} | {fmt(row['top1_loss']['vs_baseline'])} |"
             )
     lines += _budget_lines(report)
+    lines += claim_lines(report.get("claims", []))
     lines += _inconclusive_lines(report)
     for instrument in publishers(report):
         lines += instrument.summary_lines(report)
@@ -238,7 +240,10 @@ def read(run_dir: Path) -> dict[str, Any]:
                 "failed); rerun the same qualgate run command to finish it"
             )
         raise ConfigError(f"{path} does not exist; run qualgate run --out {run_dir} first")
-    return report_model.load(path).model_dump()
+    data = report_model.load(path).model_dump()
+    if data.get("claims") is None:
+        del data["claims"]  # a pipeline without claims writes none; read back what was written
+    return data
 
 
 def print_report(report: dict[str, Any]) -> None:

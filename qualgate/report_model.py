@@ -49,6 +49,15 @@ class FindingRecord(_Record):
     n_needed: int | None = None
 
 
+class ClaimRecord(_Record):
+    stack: str
+    metric: str
+    bound: dict[str, float]
+    verdict: Literal["holds", "refuted", "inconclusive"]
+    n_needed: int | None = None
+    reason: str = ""
+
+
 class StackRecord(_Record):
     name: str
     role: str
@@ -74,6 +83,7 @@ class Report(_Record):
     provenance: dict[str, Any] = Field(default_factory=dict)
     stacks: list[StackRecord]
     compound: dict[str, Any] = Field(default_factory=dict)
+    claims: list[ClaimRecord] | None = None  # absent when the pipeline lists no claims
 
 
 def parse(data: Any, where: str) -> Report:

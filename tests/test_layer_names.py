@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import pytest
 
 from qualgate import build_layer, build_stack
+from qualgate.fixtures import bundled_model_path
 from qualgate.layers import LAYER_KINDS, LAYERS, LayerKind, register_layer
 from qualgate.layers.base import is_builtin
 from qualgate.layers.speculation import DraftModel
@@ -23,6 +24,7 @@ DEFAULT_NAMES = {
     ("weight_quant", "torchao"): "torchao-int8",
     ("weight_quant", "gguf"): "gguf-q4_k_m",
     ("weight_quant", "vllm"): "w-fp8",
+    ("weight_quant", "checkpoint"): "ckpt-target",
     ("kv_quant", "quanto"): "kv-int4",
     ("kv_quant", "fp8"): "kv-fp8-e4m3",
     ("kv_quant", "ggml"): "kv-q8_0",
@@ -33,7 +35,11 @@ DEFAULT_NAMES = {
     ("speculation", "draft_model_typical"): "spec-typical4",
     ("prefix_cache", "block"): "prefix-cache",
 }
-REQUIRED = {("weight_quant", "vllm"): {"quantization": "fp8"}}  # no default to fall back on
+# No default to fall back on (a checkpoint directory must hold a config.json).
+REQUIRED = {
+    ("weight_quant", "vllm"): {"quantization": "fp8"},
+    ("weight_quant", "checkpoint"): {"path": str(bundled_model_path("target"))},
+}
 
 # One valid non-default value for every parameter of every built-in.
 ALTERNATIVES: dict[tuple[str, str], dict[str, Any]] = {
@@ -42,6 +48,7 @@ ALTERNATIVES: dict[tuple[str, str], dict[str, Any]] = {
     ("weight_quant", "torchao"): {"bits": 4, "group_size": 32, "symmetric": False, "include_lm_head": True},
     ("weight_quant", "gguf"): {"type": "Q8_0", "quantize_output": False},
     ("weight_quant", "vllm"): {"quantization": "awq", "checkpoint": "/models/llama-awq"},
+    ("weight_quant", "checkpoint"): {"path": str(bundled_model_path("draft"))},
     ("kv_quant", "quanto"): {"bits": 2, "q_group_size": 32, "residual_length": 32, "axis_key": -1, "axis_value": -1},
     ("kv_quant", "fp8"): {"format": "e5m2", "scale": 0.002},
     ("kv_quant", "ggml"): {"type_k": "q4_0", "type_v": "f16"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -42,6 +43,15 @@ class HFBackend(Backend):
         return not layer.engines and isinstance(
             layer, (WeightQuantLayer, KVQuantLayer, SpeculationLayer, PrefixCacheLayer)
         )
+
+    def check(self, stack: Stack) -> None:
+        super().check(stack)
+        weight_layer = stack.layer("weight_quant")
+        model_dir = stack.model.local_path()
+        if isinstance(weight_layer, WeightQuantLayer) and model_dir is not None:
+            # A checkpoint of another model is exit 2 before the first stack loads, not after it.
+            config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+            weight_layer.check_model(model_dir, config)
 
     def open(self, stack: Stack) -> HFSession:
         if self.threads is not None:

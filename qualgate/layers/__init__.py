@@ -1,6 +1,6 @@
 """Optimization layers. Built-in methods register on import; plug-ins are named by "module:Class"."""
 
-from qualgate.layers import engine, kv_quant, kv_rotated, prefix_cache, speculation, weight_quant
+from qualgate.layers import checkpoint, engine, kv_quant, kv_rotated, prefix_cache, speculation, weight_quant
 from qualgate.layers.base import (
     KIND_BASES,
     LAYER_KINDS,
@@ -34,6 +34,7 @@ __all__ = [
     "SpeculationParams",
     "WeightQuantLayer",
     "build_layer",
+    "checkpoint",
     "engine",
     "kv_quant",
     "kv_rotated",

@@ -12,6 +12,7 @@ import hashlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -98,6 +99,10 @@ class WeightQuantLayer(Layer[P]):
     @abstractmethod
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         """Quantize the model's weights (in place or not) and return the model to run."""
+
+    def check_model(self, model_dir: Path, config: dict[str, Any]) -> None:
+        """Check this layer fits the baseline (its directory and config.json) before any model loads;
+        raise ConfigError naming what does not. Most layers fit any model."""
 
 
 class KVQuantLayer(Layer[P]):
@@ -258,4 +263,7 @@ def build_layer(spec: Mapping[str, Any], where: str = "layer") -> Layer[Any]:
             f"qualgate.layers.{KIND_BASES[kind].__name__}"
         )
     params = validate(cls.Params, spec, f"{where} ({kind}/{method})")
-    return cls(params, name=name)
+    try:
+        return cls(params, name=name)
+    except ConfigError as exc:  # a layer that checks its parameters on construction (a path that exists)
+        raise ConfigError(f"{where}: {exc}") from None

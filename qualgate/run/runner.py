@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qualgate.budgets import budget_finding, budget_rows
+from qualgate.claims import judge_claims
 from qualgate.config import Pipeline
 from qualgate.gate import Finding, judge, verdict, worst_status
 from qualgate.instruments import Instrument
@@ -141,6 +142,8 @@ class Runner:
             "stacks": stacks,
             "compound": compound_table(self.planned, stacks),
         }
+        if self.pipeline.claims:
+            report["claims"] = judge_claims(self.pipeline.claims, stacks)
         # Whatever a user wrote under a credential's name (an endpoint's api_key) never reaches the
         # report, the summary, JUnit or MLflow.
         safe: dict[str, Any] = redact(report)

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from qualgate.claims import mlflow_metrics as claim_metrics
 from qualgate.instruments.base import Instrument, numeric_leaves, publishers
 
 # MLflow limits: keys <= 250 chars, param values <= 6,000, tag values kept well under that.
@@ -170,6 +171,12 @@ def build_layout(report: dict[str, Any], run_uid: str) -> RunLayout:
         parent.metric(f"stacks/{verdict}", sum(s["verdict"] == verdict for s in report["stacks"]))
     parent.metric("gate/level", VERDICT_LEVEL[report["verdict"]])
     parent.metric("gate/findings_inconclusive", report.get("inconclusive", 0))
+    claims = report.get("claims", [])
+    for key, value in claim_metrics(claims):
+        parent.metric(key, value)
+    if claims:
+        counts = {v: sum(c["verdict"] == v for c in claims) for v in ("holds", "refuted", "inconclusive")}
+        parent.tags["qualgate.claims"] = ", ".join(f"{n} {v}" for v, n in counts.items())
     instruments = publishers(report)
     stacks = [
         StackRun(stack_spec(stack, rows.get(stack["name"]), common, instruments), stack) for stack in report["stacks"]
