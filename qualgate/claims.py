@@ -101,12 +101,13 @@ def _pooled(section: Mapping[str, Any], metric: str, task: str | None) -> dict[s
     base = sum(t["accuracy_baseline"]["value"] * t["n"] for t in tasks) / n
     d = paired_difference(b, c, n)  # candidate minus baseline accuracy
     kind = "normal" if b + c else "zero-events"
+    drop = 0.0 - d.value  # not -d.value: no flips at all would print as "-0"
     if metric == "benchmark_accuracy_drop":
-        value, low, high = -d.value, -d.high, -d.low
+        value, low, high = drop, -d.high, -d.low
     elif base == 0:
         return None  # relative to an accuracy of zero: undefined
     elif metric == "benchmark_relative_drop":
-        value, low, high = -d.value / base, -d.high / base, -d.low / base
+        value, low, high = drop / base, -d.high / base, -d.low / base
     else:  # recovery
         value, low, high = 1 + d.value / base, 1 + d.low / base, 1 + d.high / base
     return {"value": value, "low": low, "high": high, "n": n, "unit": "documents", "interval": kind}

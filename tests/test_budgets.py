@@ -45,6 +45,13 @@ def test_bad_budgets_are_one_line_errors(
 @pytest.mark.slow
 def test_an_exhausted_budget_names_the_layer_that_spent_it(tmp_path: Path) -> None:
     path = _with_budgets(tmp_path, {"w4": {"kl_mean": 1.0}, "kv": {"kl_mean": 1e-4, "same_top1": 0.5}})
+    data = yaml.safe_load(path.read_text())
+    data["claims"] = [  # claims ride along in the same run: they are reported, never gated
+        {"stack": "w4g64", "metric": "kl_mean", "max": 1.0, "source": "vendor"},
+        {"stack": "kv-int2-residual_length16", "metric": "same_top1", "min": 0.9999},
+        {"stack": "w4g64", "metric": "benchmark_accuracy_drop", "max": 0.01},
+    ]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     out = tmp_path / "run"
     assert run_pipeline(path, out) == 1
     report = json.loads((out / "report.json").read_text())
@@ -77,3 +84,11 @@ def test_an_exhausted_budget_names_the_layer_that_spent_it(tmp_path: Path) -> No
     layout = build_layout(report, "uid")
     metrics = {s.stack["name"]: {key for key, _, _ in s.spec.metrics} for s in layout.stacks}
     assert {"budget/kv/kl_mean", "budget/kv/kl_mean_high"} <= metrics["w4g64+kv-int2-residual_length16"]
+    claims = report["claims"]
+    assert [c["verdict"] for c in claims] == ["holds", "refuted", "inconclusive"]
+    assert claims[0]["measured"]["value"] == pytest.approx(fidelity["w4g64"]) and claims[0]["source"] == "vendor"
+    assert "not measured" in claims[2]["reason"], "benchmarks are off in this pipeline"
+    assert "### Claims checked on this domain" in summary and "**refuted**" in summary
+    parent = {key: value for key, value, _ in layout.parent.metrics}
+    assert parent["claims/0_kl_mean/verdict"] == 1 and parent["claims/1_same_top1/verdict"] == -1
+    assert layout.parent.tags["qualgate.claims"] == "1 holds, 1 refuted, 1 inconclusive"

@@ -68,6 +68,7 @@ def test_benchmark_drops_are_pooled_paired_over_tasks() -> None:
     # No flips at all: the exact zero-event bound, and the sample it would take to decide shrinks as 1/n.
     clean = {"name": "s", "instruments": {"benchmarks": _section(("a", 0, 0, 100, 0.9))}}
     row = judge_claims([_claim(metric="benchmark_accuracy_drop", max=0.01)], [clean])[0]
+    assert str(row["measured"]["value"]) == "0.0", "never -0.0"
     assert row["measured"]["interval"] == "zero-events" and row["verdict"] == "inconclusive"
     assert 360 <= row["n_needed"] <= 370, "about 3.7 / 0.01 documents without a flip"
 
