@@ -1283,3 +1283,25 @@ def test_markdown_lists_each_budget_with_what_the_layer_added() -> None:
         "| `spec` | real_divergences | 0 | `w4+kv` | `w4+kv` | 0 | - | - | pass |",
     ]
     assert "### Layer budgets" not in report.markdown(q4_report()), "no budgets, no section"
+
+
+def test_markdown_lists_the_claims_after_the_budgets() -> None:
+    doc = make_report([stack("w4", [], "pass", "pass", [])], "pass", "pass", 0)
+    doc["claims"] = [
+        {
+            "stack": "w4",
+            "metric": "kl_mean",
+            "bound": {"max": 0.01},
+            "source": "vendor",
+            "statement": "near-lossless",
+            "measured": {"value": 0.004, "low": 0.003, "high": 0.005},
+            "verdict": "holds",
+            "n_needed": None,
+            "reason": "",
+        }
+    ]
+    lines = report.markdown(doc).split("\n")
+    start = lines.index("### Claims checked on this domain")
+    row = "| near-lossless: kl_mean <= 0.01 | vendor | `w4` | 0.004 [0.003, 0.005] | **holds** | - |"
+    assert lines[start + 4] == row
+    assert "### Claims" not in report.markdown(q4_report()), "no claims, no section"
