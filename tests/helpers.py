@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,13 @@ def pipeline_file(
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def engine_threads() -> int:
+    """Threads for an engine a test starts (llama.cpp): the worker's share of the cores (conftest sets
+    OMP_NUM_THREADS under pytest-xdist). ggml's threads spin while they wait, so two of them on a core
+    another worker is using run several times slower, not just half as fast."""
+    return int(os.environ.get("OMP_NUM_THREADS", "2"))
 
 
 def run_pipeline(path: Path, out: Path, *args: str) -> int:

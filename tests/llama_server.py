@@ -7,6 +7,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from helpers import engine_threads
 from server_process import ServerProcess
 
 
@@ -24,7 +25,7 @@ class LlamaServer(ServerProcess):
             sys.executable, "-m", "llama_cpp.server",
             "--model", str(self.model), "--model_alias", self.alias,
             "--host", "127.0.0.1", "--port", str(self.port),
-            "--n_ctx", "1024", "--n_threads", "2", "--seed", "0", "--chat_format", "chatml",
+            "--n_ctx", "1024", "--n_threads", str(engine_threads()), "--seed", "0", "--chat_format", "chatml",
         ]  # fmt: skip
 
         def ready() -> bool:

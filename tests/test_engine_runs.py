@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from broken_proxy import BrokenProxy
-from helpers import REPO, pipeline_file, run_pipeline
+from helpers import REPO, engine_threads, pipeline_file, run_pipeline
 from llama_server import LlamaServer
 
 from qualgate.engines.gguf_quant import baseline_gguf
@@ -95,7 +95,7 @@ def test_demo_ladder_on_llama_cpp(tmp_path: Path, llama_cpp_installed: None) -> 
             "prefix": {"kind": "prefix_cache", "method": "block"},
         },
         stacks=[{"layers": ["q4", "kv"]}, {"layers": ["spec"]}, {"layers": ["draft"]}, {"layers": ["prefix"]}],
-        backend={"name": "llamacpp", "options": {"n_threads": 2}},
+        backend={"name": "llamacpp", "options": {"n_threads": engine_threads()}},
     )
     (tmp_path / "pipeline.yaml").write_text(
         path.read_text().replace("general.jsonl", "general.jsonl\n    - evals/prompts/shared_prefix.jsonl")

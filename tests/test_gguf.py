@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import engine_threads
 
 from qualgate.errors import ConfigError
 from qualgate.fixtures import bundled_model_path
@@ -32,7 +33,9 @@ def gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_llama_cpp_tokenizes_and_scores_as_transformers(gguf_path: Path, base_session: Any, domain_text: str) -> None:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_path), n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0)
+    llm = Llama(
+        model_path=str(gguf_path), n_ctx=512, logits_all=True, verbose=False, n_threads=engine_threads(), seed=0
+    )
     text = domain_text[:20000]
     ids = base_session.encode(text)
     assert llm.tokenize(text.encode(), add_bos=True) == ids, "the same tokens, BOS included"
