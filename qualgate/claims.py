@@ -23,9 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from qualgate.errors import ConfigError
 from qualgate.fmt import fmt, interval
-from qualgate.instruments.benchmarks.paired import paired_difference
+from qualgate.gate import IntervalKind, n_to_reach
+from qualgate.instruments.benchmarks.paired import paired_difference, recovery_estimate
 from qualgate.registry import did_you_mean
-from qualgate.stats import zero_events_bound, zero_events_n
 
 ClaimVerdict = Literal["holds", "refuted", "inconclusive"]
 
@@ -101,15 +101,15 @@ def _pooled(section: Mapping[str, Any], metric: str, task: str | None) -> dict[s
     base = sum(t["accuracy_baseline"]["value"] * t["n"] for t in tasks) / n
     d = paired_difference(b, c, n)  # candidate minus baseline accuracy
     kind = "normal" if b + c else "zero-events"
-    drop = 0.0 - d.value  # not -d.value: no flips at all would print as "-0"
     if metric == "benchmark_accuracy_drop":
-        value, low, high = drop, -d.high, -d.low
+        value, low, high = 0.0 - d.value, -d.high, -d.low  # 0.0 - : no flips at all must not print as "-0"
     elif base == 0:
         return None  # relative to an accuracy of zero: undefined
-    elif metric == "benchmark_relative_drop":
-        value, low, high = drop / base, -d.high / base, -d.low / base
-    else:  # recovery
-        value, low, high = 1 + d.value / base, 1 + d.low / base, 1 + d.high / base
+    else:  # the pooled recovery, as each task's is computed; the relative drop is 1 - recovery
+        recovery = recovery_estimate(d, base, base + d.value)
+        value, low, high = recovery.value, recovery.low, recovery.high
+        if metric == "benchmark_relative_drop":
+            value, low, high = 1 - value, 1 - high, 1 - low
     return {"value": value, "low": low, "high": high, "n": n, "unit": "documents", "interval": kind}
 
 
@@ -122,18 +122,6 @@ def measured(stack: Mapping[str, Any], claim: Claim) -> dict[str, Any] | None:
         if f["metric"] == claim.metric and f.get("value") is not None:
             return {key: f.get(key) for key in ("value", "low", "high", "n", "unit", "interval")}
     return None
-
-
-def _n_to_decide(found: Mapping[str, Any], end: float, bound: float) -> int | None:
-    """The sample at which the interval's `end` would reach the bound, at the measured estimate and
-    spread (intervals narrow as 1/sqrt(n); an exact zero-event bound as 1 - alpha^(1/n))."""
-    n, value = found.get("n"), float(found["value"])
-    width, room = abs(end - value), abs(bound - value)
-    if not n or room == 0 or width == 0:
-        return None
-    if found.get("interval") == "zero-events":
-        return zero_events_n(room / (width / zero_events_bound(int(n))))
-    return math.ceil(int(n) * (width / room) ** 2 - 1e-9)
 
 
 def judge_claim(claim: Claim, found: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -188,7 +176,9 @@ def judge_claim(claim: Claim, found: Mapping[str, Any] | None) -> dict[str, Any]
         }
     # The interval straddles the bound: to hold, its bad end must come inside; to refute, its good end out.
     end = worst if within(value) else best
-    needed = _n_to_decide(found, end, claim.bound)
+    n = found.get("n")
+    kind: IntervalKind = "zero-events" if found.get("interval") == "zero-events" else "normal"
+    needed = n_to_reach(int(n) if n else None, value, end, claim.bound, kind)
     have = f"{found.get('n')} {found.get('unit') or ''}".strip()
     reason = f"{claim.metric} {shown} straddles {claim.bound:g} (have {have}; n needed to decide: {fmt(needed)})"
     return {**row, "verdict": "inconclusive", "n_needed": needed, "reason": reason}

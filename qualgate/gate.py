@@ -90,21 +90,27 @@ def _non_finite(finding: Finding) -> str | None:
     return None
 
 
-def n_needed(finding: Finding, threshold: float) -> int | None:
-    """The sample size at which the interval would just clear `threshold`, if the estimate and its
-    spread per unit stayed as observed. None without a sample size or when the point estimate sits on
-    the threshold (no sample size clears it)."""
-    if finding.n is None:
+def n_to_reach(n: int | None, value: float, end: float, target: float, interval: IntervalKind) -> int | None:
+    """The sample size at which the interval end `end` of an estimate `value` from `n` units would just
+    reach `target`, if the estimate and its spread per unit stayed as observed. None without a sample
+    size or when the estimate sits on the target (no sample size moves the end onto it)."""
+    if n is None:
         return None
-    width = abs(finding.pessimistic - finding.value)
-    room = abs(threshold - finding.value)
+    width = abs(end - value)
+    room = abs(target - value)
     if room == 0:
         return None
-    if finding.interval == "zero-events":
+    if interval == "zero-events":
         # width = scale * (1 - alpha^(1/n)), the scale (e.g. 1 / baseline accuracy) fixed by the data
-        scale = width / zero_events_bound(finding.n)
+        scale = width / zero_events_bound(n)
         return zero_events_n(room / scale)
-    return math.ceil(finding.n * (width / room) ** 2 - 1e-9)
+    return math.ceil(n * (width / room) ** 2 - 1e-9)
+
+
+def n_needed(finding: Finding, threshold: float) -> int | None:
+    """The sample size at which the finding's interval would just clear `threshold` (its pessimistic end
+    reaching it)."""
+    return n_to_reach(finding.n, finding.value, finding.pessimistic, threshold, finding.interval)
 
 
 def judge(finding: Finding, warn: float | None, fail: float | None, inconclusive: Policy = "warn") -> Finding:

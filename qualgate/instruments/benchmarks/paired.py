@@ -79,6 +79,19 @@ def paired_difference(b: int, c: int, n: int) -> Estimate:
     return Estimate.normal(d, math.sqrt(max(variance, 0.0)))
 
 
+def recovery_estimate(diff: Estimate, accuracy_baseline: float, accuracy_candidate: float) -> Estimate:
+    """recovery = acc_Q / acc_P = 1 + D / acc_P; its interval from the paired difference D's, the
+    baseline's accuracy held fixed. NaN (undefined) when the baseline solves nothing."""
+    if accuracy_baseline > 0:
+        return Estimate(
+            accuracy_candidate / accuracy_baseline,
+            diff.se / accuracy_baseline,
+            1 + diff.low / accuracy_baseline,
+            1 + diff.high / accuracy_baseline,
+        )
+    return Estimate(float("nan"), float("nan"), float("nan"), float("nan"))
+
+
 def compare_task(task: str, metric: str, baseline: dict[int, Sample], candidate: dict[int, Sample]) -> TaskComparison:
     if set(baseline) != set(candidate):
         missing = sorted(set(baseline) ^ set(candidate))[:5]
@@ -107,13 +120,7 @@ def compare_task(task: str, metric: str, baseline: dict[int, Sample], candidate:
     c = sum(1 for x, y in zip(p, q, strict=True) if x == 0 and y == 1)
     acc_p, acc_q = proportion(np.asarray(p)), proportion(np.asarray(q))
     diff = paired_difference(b, c, n)
-    if acc_p.value > 0:
-        # recovery = acc_Q / acc_P = 1 + D / acc_P; its interval from D's, the baseline's accuracy held fixed
-        recovery = Estimate(
-            acc_q.value / acc_p.value, diff.se / acc_p.value, 1 + diff.low / acc_p.value, 1 + diff.high / acc_p.value
-        )
-    else:
-        recovery = Estimate(float("nan"), float("nan"), float("nan"), float("nan"))
+    recovery = recovery_estimate(diff, acc_p.value, acc_q.value)
     flips = [
         {
             "doc_id": d,
