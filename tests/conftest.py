@@ -90,6 +90,18 @@ def domain_text() -> str:
 
 
 @pytest.fixture(scope="session")
+def small_golden(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A golden of the bundled target on the first 6 chunks of the domain text (3k tokens, ~3 s to record):
+    for the engine runs, where every scored chunk is an HTTP request or an engine pass and the checks are
+    about the engine (its baseline, its lossless layers), not the interval width 16 chunks buy."""
+    from qualgate.cli import main
+
+    out = tmp_path_factory.mktemp("golden") / "bundled-target-6"
+    assert main(["golden", "record", "--out", str(out), "--max-chunks", "6"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def base_session() -> Iterator[Any]:
     from qualgate import build_stack, open_session
 

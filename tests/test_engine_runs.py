@@ -84,7 +84,7 @@ def llama_cpp_installed() -> None:
         pytest.skip("llama-cpp-python is not installed (pip install 'qualgate[llamacpp]')")
 
 
-def test_demo_ladder_on_llama_cpp(tmp_path: Path, llama_cpp_installed: None) -> None:
+def test_demo_ladder_on_llama_cpp(tmp_path: Path, llama_cpp_installed: None, small_golden: Path) -> None:
     path = pipeline_file(
         tmp_path,
         {
@@ -97,18 +97,20 @@ def test_demo_ladder_on_llama_cpp(tmp_path: Path, llama_cpp_installed: None) -> 
         stacks=[{"layers": ["q4", "kv"]}, {"layers": ["spec"]}, {"layers": ["draft"]}, {"layers": ["prefix"]}],
         backend={"name": "llamacpp", "options": {"n_threads": engine_threads()}},
     )
-    (tmp_path / "pipeline.yaml").write_text(
-        path.read_text().replace("general.jsonl", "general.jsonl\n    - evals/prompts/shared_prefix.jsonl")
-    )
+    data = yaml.safe_load(path.read_text())
+    data["instruments"]["fidelity"]["golden"] = str(small_golden)
+    data["instruments"]["equivalence"]["prompts"].append("evals/prompts/shared_prefix.jsonl")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     code = run_pipeline(path, tmp_path / "run")  # logged to the tests' MLflow store
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     found = stacks(report)
-    # Q4_K_M + q8_0 KV keeps ~94.9% of top-1 tokens (docs/engines.md, engine table): under warn 0.95, far from fail.
+    # Q4_K_M + q8_0 KV keeps ~95% of top-1 tokens (docs/engines.md, engine table: 94.9% on 16 chunks, 95.4%
+    # on these 6): at warn 0.95 the stack warns, measured or for lack of samples; it is far from fail 0.90.
+    # The f32 lossless singles pass (llama.cpp's batched-verify drift stays inside the calibrated tolerance).
     assert verdicts(report)["gguf-q4_k_m+kv-q8_0"] == "warn"
-    # Measured: WARN exit 0, the quantized stack's measured same-top-1 only; the f32 lossless singles pass
-    # (llama.cpp's batched-verify drift stays inside the calibrated tolerance) and nothing is inconclusive.
-    assert code == 0 and report["verdict"] == "warn" and report["measured"] == "warn", report["reasons"]
-    assert report["inconclusive"] == 0
+    assert code == 0 and report["verdict"] == "warn", report["reasons"]
+    assert [r.split(":")[0] for r in report["reasons"]] == ["gguf-q4_k_m+kv-q8_0"], report["reasons"]
+    assert found["gguf-q4_k_m+kv-q8_0"]["fidelity"]["same_top1"]["low"] > 0.9
     assert {name: v for name, v in verdicts(report).items() if name != "gguf-q4_k_m+kv-q8_0"} == dict.fromkeys(
         ("base", "spec-ngram4", "spec-draft4", "prefix-cache"), "pass"
     )
@@ -138,36 +140,36 @@ def cpu_keeps_fp8_kv() -> bool:
     return bool(torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def test_demo_ladder_on_managed_vllm(tmp_path: Path, vllm_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_ladder_on_managed_vllm(
+    tmp_path: Path, vllm_env: Path, small_golden: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """n-gram speculation with prefix caching (both lossless, one server: every vLLM server start costs
-    ~35 s on 2 cores), then the FP8 KV stack. Where this CPU cannot run vLLM's FP8 KV cache, that
-    stack's server fails to start: exit 3 naming vLLM's reason, the finished stacks kept, and a rerun
-    without it reuses them (no server starts)."""
+    ~40 s on 2 cores), then the FP8 KV stack where this CPU can run vLLM's FP8 KV cache (AVX-512 or AMX;
+    its start-up failure on AVX2 is a recorded log in test_engines.py, ~60 s of server start to replay
+    here). A rerun of the finished run reuses every stack and probe: no server starts."""
     layers = {
         "kv": {"kind": "kv_quant", "method": "fp8"},
         "spec": {"kind": "speculation", "method": "ngram", "num_speculative_tokens": 4},
         "prefix": {"kind": "prefix_cache", "method": "block", "block_size": 32},
     }
     backend = {"name": "vllm", "options": {"python": str(vllm_env), "max_model_len": 1024, "block_size": 32}}
-
-    def write(stack_layers: list[list[str]]) -> Path:
-        path = pipeline_file(tmp_path, layers, stacks=[{"layers": x} for x in stack_layers], backend=backend)
-        path.write_text(
-            path.read_text().replace("general.jsonl", "general.jsonl\n    - evals/prompts/shared_prefix.jsonl")
-        )
-        return path
+    fp8 = cpu_keeps_fp8_kv()
+    path = pipeline_file(
+        tmp_path, layers, stacks=[{"layers": x} for x in [["spec", "prefix"]] + [["kv"]] * fp8], backend=backend
+    )
+    data = yaml.safe_load(path.read_text())
+    data["instruments"]["fidelity"]["golden"] = str(small_golden)
+    data["instruments"]["equivalence"]["prompts"].append("evals/prompts/shared_prefix.jsonl")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
 
     run = tmp_path / "run"
-    code = run_pipeline(write([["spec", "prefix"], ["kv"]]), run, "--no-tracking")
-    fp8 = cpu_keeps_fp8_kv()
-    if not fp8:
-        err = capsys.readouterr().err
-        assert code == 3, err
-        assert "FP8 KV cache on CPU requires x86 with AVX-512 or AMX" in err and "engine-logs/vllm-" in err
-        assert not (run / "report.json").exists() and not POOL.servers
-        code = run_pipeline(write([["spec", "prefix"]]), run, "--no-tracking")
-        assert "starting vllm server" not in capsys.readouterr().err, "finished stacks are reused, not rerun"
+    code = run_pipeline(path, run, "--no-tracking")
+    assert "starting vllm server" in capsys.readouterr().err
     report = json.loads((run / "report.json").read_text())
+    (run / "report.json").unlink()
+    assert run_pipeline(path, run, "--no-tracking") == code
+    assert "starting vllm server" not in capsys.readouterr().err, "finished stacks are reused, not rerun"
+    assert json.loads((run / "report.json").read_text()) == report
     # Measured on AVX2 (no FP8 KV): PASS exit 0, the lossless stack token-identical. With an FP8 KV stack
     # (AVX-512) its same-top-1 (0.949 in docs/engines.md) sits at warn 0.95: the exit code follows the verdict.
     lossless = {name: v for name, v in verdicts(report).items() if name != "kv-fp8-e4m3"}
@@ -175,11 +177,12 @@ def test_demo_ladder_on_managed_vllm(tmp_path: Path, vllm_env: Path, capsys: pyt
     assert lossless == dict.fromkeys(("base", both), "pass"), report["reasons"]
     assert code == exit_code_of(report) and (fp8 or (code == 0 and report["verdict"] == "pass")), report["verdict"]
     found = stacks(report)
+    assert found["base"]["fidelity"]["n_chunks"] == 6
     assert_engine_baseline(found["base"])
     assert_lossless(found[both], "speculation", "accepted_tokens")
     assert_lossless(found[both], "prefix_cache", "hits")  # block_size 32 is not the default
     logs = list((run / "engine-logs").glob("vllm-*.log"))
-    assert len(logs) == 3 and not POOL.servers, "one server per stack, all stopped with the run"
+    assert len(logs) == 2 + fp8 and not POOL.servers, "one server per stack, all stopped with the run"
     probes = report["provenance"]["engine_probes"]  # kept across the rerun with the stacks' records
     assert sorted(probes) == sorted(found) and all(p["mode"] == "token_ids" for p in probes.values())
     assert all(p["top_k"] == 64 for p in probes.values()) and probes["base"]["canary_mean_abs_diff"] < 1e-3

@@ -238,7 +238,12 @@ def test_dead_endpoint_exits_3_and_resume_finishes(server: Any, judge_model: Pat
     finished judgment kept; with the server back, the rerun judges only the rest and finishes."""
     from llama_server import LlamaServer
 
-    path = _judge_pipeline(tmp_path, server.url, max_retries=1, concurrency=1)
+    # Eight prompts, pairwise only (with its control): 32 judgments, of which 8 finish before the kill.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join((REPO / "evals/judge/prompts.jsonl").read_text().splitlines(keepends=True)[:8]))
+    path = _judge_pipeline(
+        tmp_path, server.url, max_retries=1, concurrency=1, prompts=str(prompts), protocols=["pairwise"]
+    )
     out = tmp_path / "run"
     command = [sys.executable, "-m", "qualgate", "run", str(path), "--out", str(out), "--no-tracking"]
     run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -259,7 +264,7 @@ def test_dead_endpoint_exits_3_and_resume_finishes(server: Any, judge_model: Pat
         report = json.loads((out / "report.json").read_text())
         assert report["verdict"] == "warn"
         w2 = next(s for s in report["stacks"] if s["name"] == "w2g128")
-        assert w2["instruments"]["judge"]["pairwise"]["n"] == 16
+        assert w2["instruments"]["judge"]["pairwise"]["n"] == 8
         finding = next(f for f in w2["findings"] if f["metric"] == "net_loss")
         assert finding["status"] == "warn" and "invalid: position consistency" in finding["reason"], finding
         assert len(list((out / "requests").rglob("*.json"))) > kept
