@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ import numpy as np
 
 from qualgate.code_identity import package_source_hash
 from qualgate.errors import ConfigError
-from qualgate.fsio import atomic_write, atomic_write_text, write_failure
+from qualgate.fsio import write_failure
+from qualgate.run_files import LocalFiles, RunFiles
 
 
 def identity_key(identity: dict[str, Any]) -> str:
@@ -47,36 +47,51 @@ def file_sha256(path: Path) -> str:
 
 
 class RunStore:
-    def __init__(self, out_dir: Path) -> None:
-        self.records = out_dir / "records"
-        try:
-            self.records.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise write_failure(self.records, exc) from None
+    """Records, checkpoints and request caches of one run, through its `RunFiles` (the run directory,
+    or the driver's run directory from a cluster worker)."""
+
+    def __init__(self, out_dir: Path | None = None, files: RunFiles | None = None) -> None:
+        if files is None:
+            if out_dir is None:
+                raise ValueError("RunStore needs a run directory or its files")
+            records = out_dir / "records"
+            try:
+                records.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise write_failure(records, exc) from None
+            files = LocalFiles(out_dir)
+        self.files = files
+
+    @property
+    def records(self) -> Path:
+        """The records directory of a local run."""
+        if not isinstance(self.files, LocalFiles):
+            raise TypeError("a remote run store has no local records directory")
+        return self.files.root / "records"
 
     def get(self, key: str) -> dict[str, Any] | None:
-        path = self.records / f"{key}.json"
-        if not path.is_file():
+        data = self.files.read(f"records/{key}.json")
+        if data is None:
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
-        except json.JSONDecodeError:
+            return json.loads(data)  # type: ignore[no-any-return]
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return None  # a torn write from a killed run: redo that unit
 
     def put(self, key: str, record: dict[str, Any]) -> None:
         # Atomic: a record is either whole or absent; a full disk is exit 3 and the rerun resumes here.
-        atomic_write_text(self.records / f"{key}.json", json.dumps(record, sort_keys=True))
+        self.files.write(f"records/{key}.json", json.dumps(record, sort_keys=True).encode("utf-8"))
 
     def generations(self, key: str) -> JsonCheckpoint:
-        return JsonCheckpoint(self.records.parent / "partial" / key)
+        return JsonCheckpoint(self.files, f"partial/{key}")
 
     def requests(self, key: str) -> JsonCheckpoint:
         """Finished model requests (benchmarks), kept across units and reruns: the key is the identity
         of what answers them (a stack's scoring or generation identity), never a name."""
-        return JsonCheckpoint(self.records.parent / "requests" / key)
+        return JsonCheckpoint(self.files, f"requests/{key}")
 
     def chunks(self, key: str) -> NpzChunkCheckpoint:
-        return NpzChunkCheckpoint(self.records.parent / "partial" / key)
+        return NpzChunkCheckpoint(self.files, f"partial/{key}")
 
     def __len__(self) -> int:
         return len(list(self.records.glob("*.json")))
@@ -85,17 +100,17 @@ class RunStore:
 class NpzChunkCheckpoint:
     """Per-chunk arrays of one unit of work in progress (see fidelity.score_text)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, files: RunFiles, directory: str) -> None:
+        self.files = files
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
 
     def load(self, index: int) -> dict[str, np.ndarray] | None:
-        path = self.directory / f"{index:06d}.npz"
-        if not path.is_file():
+        data = self.files.read(f"{self.directory}/{index:06d}.npz")
+        if data is None:
             return None
         try:
-            with np.load(path) as data:
-                return {key: data[key] for key in data.files}
+            with np.load(io.BytesIO(data)) as arrays:
+                return {key: arrays[key] for key in arrays.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return None  # torn by a crash (empty or half-written): score the chunk again
 
@@ -103,28 +118,28 @@ class NpzChunkCheckpoint:
         buffer = io.BytesIO()
         save: Any = np.savez  # numpy's stub reads **arrays as its allow_pickle flag
         save(buffer, **part)
-        atomic_write(self.directory / f"{index:06d}.npz", buffer.getvalue())
+        self.files.write(f"{self.directory}/{index:06d}.npz", buffer.getvalue())
 
     def discard(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self.files.discard(self.directory)
 
 
 class JsonCheckpoint:
     """Named JSON records of one unit of work in progress (see equivalence.run_equivalence)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, files: RunFiles, directory: str) -> None:
+        self.files = files
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
 
     def load(self, name: str) -> dict[str, Any] | None:
-        path = self.directory / f"{name}.json"
+        data = self.files.read(f"{self.directory}/{name}.json")
         try:
-            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        except json.JSONDecodeError:
+            return json.loads(data) if data is not None else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return None  # torn by a kill: generate it again
 
     def save(self, name: str, record: dict[str, Any]) -> None:
-        atomic_write_text(self.directory / f"{name}.json", json.dumps(record))
+        self.files.write(f"{self.directory}/{name}.json", json.dumps(record).encode("utf-8"))
 
     def discard(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self.files.discard(self.directory)

@@ -136,10 +136,12 @@ def test_store_failures_are_infrastructure_errors(tmp_path: Path, monkeypatch: p
 
 def test_checkpoint_directories(tmp_path: Path) -> None:
     store = RunStore(tmp_path)
-    assert store.generations("g").directory == tmp_path / "partial" / "g"
-    assert store.chunks("c").directory == tmp_path / "partial" / "c"
-    assert store.requests("r").directory == tmp_path / "requests" / "r"
-    assert all((tmp_path / sub).is_dir() for sub in ("partial/g", "partial/c", "requests/r"))
+    assert store.generations("g").directory == "partial/g"
+    assert store.chunks("c").directory == "partial/c"
+    assert store.requests("r").directory == "requests/r"
+    store.generations("g").save("p0", {})
+    store.chunks("c").save(0, {"x": np.zeros(1)})
+    assert (tmp_path / "partial" / "g" / "p0.json").is_file() and (tmp_path / "partial" / "c" / "000000.npz").is_file()
     assert len(store) == 0, "checkpoints are not records"
 
 
@@ -147,12 +149,12 @@ def test_json_checkpoint_round_trip_torn_and_discard(tmp_path: Path) -> None:
     checkpoint = RunStore(tmp_path).generations("unit")
     checkpoint.save("p0", {"tokens": [1, 2], "text": "é"})
     assert checkpoint.load("p0") == {"tokens": [1, 2], "text": "é"} and checkpoint.load("p1") is None
-    assert sorted(p.name for p in checkpoint.directory.iterdir()) == ["p0.json"]
-    (checkpoint.directory / "p1.json").write_text('{"tokens": [1', encoding="utf-8")
+    assert sorted(p.name for p in (tmp_path / checkpoint.directory).iterdir()) == ["p0.json"]
+    (tmp_path / checkpoint.directory / "p1.json").write_text('{"tokens": [1', encoding="utf-8")
     assert checkpoint.load("p1") is None, "torn by a kill: generated again"
     assert RunStore(tmp_path).generations("unit").load("p0") == {"tokens": [1, 2], "text": "é"}
     checkpoint.discard()
-    assert not checkpoint.directory.exists()
+    assert not (tmp_path / checkpoint.directory).exists()
     checkpoint.discard()  # twice is fine
 
 
@@ -160,7 +162,7 @@ def test_chunk_checkpoint_round_trip_torn_and_discard(tmp_path: Path) -> None:
     checkpoint = RunStore(tmp_path).chunks("unit")
     part = {"logprob": np.array([-0.5, -1.25]), "top_ids": np.array([[3, 1], [2, 0]])}
     checkpoint.save(7, part)
-    assert sorted(p.name for p in checkpoint.directory.iterdir()) == ["000007.npz"]
+    assert sorted(p.name for p in (tmp_path / checkpoint.directory).iterdir()) == ["000007.npz"]
     loaded = checkpoint.load(7)
     assert loaded is not None and sorted(loaded) == ["logprob", "top_ids"]
     np.testing.assert_array_equal(loaded["logprob"], part["logprob"])
@@ -168,10 +170,10 @@ def test_chunk_checkpoint_round_trip_torn_and_discard(tmp_path: Path) -> None:
     assert checkpoint.load(8) is None
     resumed = RunStore(tmp_path).chunks("unit").load(7)  # reopened by --resume
     assert resumed is not None and resumed["logprob"].tolist() == [-0.5, -1.25]
-    (checkpoint.directory / "000008.npz").write_bytes(b"not an npz")  # numpy: ValueError
+    (tmp_path / checkpoint.directory / "000008.npz").write_bytes(b"not an npz")  # numpy: ValueError
     assert checkpoint.load(8) is None, "unreadable: scored again"
     checkpoint.discard()
-    assert not checkpoint.directory.exists()
+    assert not (tmp_path / checkpoint.directory).exists()
     checkpoint.discard()
 
 
@@ -179,7 +181,7 @@ def test_chunk_checkpoint_round_trip_torn_and_discard(tmp_path: Path) -> None:
 def test_a_truncated_chunk_checkpoint_is_scored_again(tmp_path: Path, cut: str) -> None:
     checkpoint = RunStore(tmp_path).chunks("unit")
     checkpoint.save(0, {"logprob": np.arange(1000.0)})
-    path = checkpoint.directory / "000000.npz"
+    path = tmp_path / checkpoint.directory / "000000.npz"
     whole = path.read_bytes()
     path.write_bytes(b"" if cut == "empty" else whole[: len(whole) // 2])
     assert checkpoint.load(0) is None

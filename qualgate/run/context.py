@@ -13,6 +13,7 @@ from typing import Any
 from qualgate.backends import BACKENDS, Backend, Session, open_session
 from qualgate.code_identity import class_identity
 from qualgate.config import Pipeline
+from qualgate.run_files import RunFiles
 from qualgate.stack import Stack
 from qualgate.store import RunStore, identity_key
 
@@ -20,13 +21,21 @@ OnProgress = Callable[[str], Callable[[int, int], None]]
 
 
 class RunContext:
-    def __init__(self, pipeline: Pipeline, where: str, out: Path, on_progress: OnProgress | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        where: str,
+        out: Path,
+        on_progress: OnProgress | None = None,
+        files: RunFiles | None = None,
+    ) -> None:
+        """`files`: where records and samples go when not in `out` (a cluster worker writes through the
+        driver); `out` is then only the worker's scratch directory (engine logs)."""
         self.pipeline = pipeline
         self.where = where
         self.out = out
-        self.store = RunStore(out)
-        self.samples = out / "samples"
-        self.samples.mkdir(parents=True, exist_ok=True)
+        self.store = RunStore(out) if files is None else RunStore(files=files)
+        self.files: RunFiles = self.store.files
         self.on_progress = on_progress
         self.reused = 0
         self.computed = 0

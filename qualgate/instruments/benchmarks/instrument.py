@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from qualgate.errors import InfrastructureError
 from qualgate.fmt import fmt, interval
-from qualgate.fsio import atomic_write_text
 from qualgate.gate import Finding
 from qualgate.instruments.base import Gate, Instrument, Tiers, estimate_metrics
 from qualgate.instruments.benchmarks import run as benchmarks_run
@@ -75,11 +75,16 @@ class Benchmarks(Instrument[BenchmarksConfig]):
                 results = benchmarks_run.run_tasks(
                     session, inst, self._task_manager, block, score_cache, generate_cache, progress
                 )
-            path = ctx.samples / f"benchmarks.{key}.json"
-            atomic_write_text(path, json.dumps([r.as_dict() for r in results.values()]))
-            record = {"stack": stack.name, "samples": f"samples/benchmarks.{key}.json"}
+            samples = f"samples/benchmarks.{key}.json"
+            ctx.files.write(samples, json.dumps([r.as_dict() for r in results.values()]).encode("utf-8"))
+            record = {"stack": stack.name, "samples": samples}
             ctx.put(key, record)
-        data = json.loads((ctx.out / record["samples"]).read_text(encoding="utf-8"))
+        stored = ctx.files.read(str(record["samples"]))
+        if stored is None:
+            raise InfrastructureError(
+                f"{ctx.out / record['samples']} is missing from the run directory; rerun with --fresh"
+            )
+        data = json.loads(stored)
         return str(record["samples"]), {d["task"]: TaskResult.from_dict(d) for d in data}
 
     def measure(self, stack: Stack, ctx: RunContext) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qualgate import golden, noise_floor
 from qualgate.chunking import Chunk
-from qualgate.fsio import atomic_write
 from qualgate.gate import Finding
 from qualgate.instruments.base import Gate, Instrument, Tiers, estimate_metrics
 from qualgate.instruments.fidelity.compare import compare
@@ -170,7 +169,7 @@ class Fidelity(Instrument[FidelitySection]):
             buffer = io.BytesIO()
             save: Any = np.savez_compressed  # numpy's stub reads **arrays as its allow_pickle flag
             save(buffer, **result.per_token)
-            atomic_write(ctx.samples / f"fidelity.{key}.npz", buffer.getvalue())
+            ctx.files.write(f"samples/fidelity.{key}.npz", buffer.getvalue())
             record = {
                 "stack": measured.name,
                 "golden": str(data.directory),
