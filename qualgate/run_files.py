@@ -2,9 +2,9 @@
 
 Every byte a unit of work keeps (its record, the per-chunk checkpoints of a unit in progress, cached
 model requests, per-token arrays and per-sample files) is read and written by a path relative to the run
-directory through a `RunFiles`. In one process that is the run directory itself (`LocalFiles`); on a
-cluster it is the driver's run directory reached through a Ray actor (qualgate/executors/ray_worker.py),
-so workers need no shared filesystem and the driver's directory stays the source of truth.
+directory through a `RunFiles`. In one process that is the run directory itself (`LocalFiles`); another
+implementation can reach the same directory from elsewhere (a cluster worker writing through the
+driver), so the run directory stays the single source of truth.
 """
 
 from __future__ import annotations

@@ -74,6 +74,15 @@ def assert_mlflow_layout(run_dir: Path, report: dict[str, Any]) -> None:
         assert logged == pytest.approx(stack["instruments"]["fidelity"]["kl_mean"]["value"])
 
 
+def on_engine_data(path: Path, golden: Path) -> None:
+    """The engine runs' data: the small golden, and the shared-prefix prompts beside the general ones
+    (the prefix cache's hits)."""
+    data = yaml.safe_load(path.read_text())
+    data["instruments"]["fidelity"]["golden"] = str(golden)
+    data["instruments"]["equivalence"]["prompts"].append("evals/prompts/shared_prefix.jsonl")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
 @pytest.fixture(scope="module")
 def llama_cpp_installed() -> None:
     try:
@@ -97,10 +106,7 @@ def test_demo_ladder_on_llama_cpp(tmp_path: Path, llama_cpp_installed: None, sma
         stacks=[{"layers": ["q4", "kv"]}, {"layers": ["spec"]}, {"layers": ["draft"]}, {"layers": ["prefix"]}],
         backend={"name": "llamacpp", "options": {"n_threads": engine_threads()}},
     )
-    data = yaml.safe_load(path.read_text())
-    data["instruments"]["fidelity"]["golden"] = str(small_golden)
-    data["instruments"]["equivalence"]["prompts"].append("evals/prompts/shared_prefix.jsonl")
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    on_engine_data(path, small_golden)
     code = run_pipeline(path, tmp_path / "run")  # logged to the tests' MLflow store
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     found = stacks(report)
@@ -157,10 +163,7 @@ def test_demo_ladder_on_managed_vllm(
     path = pipeline_file(
         tmp_path, layers, stacks=[{"layers": x} for x in [["spec", "prefix"]] + [["kv"]] * fp8], backend=backend
     )
-    data = yaml.safe_load(path.read_text())
-    data["instruments"]["fidelity"]["golden"] = str(small_golden)
-    data["instruments"]["equivalence"]["prompts"].append("evals/prompts/shared_prefix.jsonl")
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    on_engine_data(path, small_golden)
 
     run = tmp_path / "run"
     code = run_pipeline(path, run, "--no-tracking")
