@@ -174,7 +174,8 @@ def test_demo_ladder_on_managed_vllm(
     assert "starting vllm server" not in capsys.readouterr().err, "finished stacks are reused, not rerun"
     assert json.loads((run / "report.json").read_text()) == report
     # Measured on AVX2 (no FP8 KV): PASS exit 0, the lossless stack token-identical. With an FP8 KV stack
-    # (AVX-512) its same-top-1 (0.949 in docs/engines.md) sits at warn 0.95: the exit code follows the verdict.
+    # (AVX-512) its same-top-1 sits at the warn tier 0.95 (0.949 on 16 chunks in docs/engines.md, 0.961
+    # [0.951, 0.971] on these 6: pass): the exit code follows the verdict.
     lossless = {name: v for name, v in verdicts(report).items() if name != "kv-fp8-e4m3"}
     both = "spec-ngram4+prefix-cache-block_size32"
     assert lossless == dict.fromkeys(("base", both), "pass"), report["reasons"]
@@ -190,8 +191,10 @@ def test_demo_ladder_on_managed_vllm(
     assert sorted(probes) == sorted(found) and all(p["mode"] == "token_ids" for p in probes.values())
     assert all(p["top_k"] == 64 for p in probes.values()) and probes["base"]["canary_mean_abs_diff"] < 1e-3
     if fp8:
-        assert verdicts(report)["kv-fp8-e4m3"] == "warn"
         kv = found["kv-fp8-e4m3"]["fidelity"]
+        # Which side of 0.95 the lower bound falls on depends on the chunks; that the gate reads it is fixed.
+        assert verdicts(report)["kv-fp8-e4m3"] == ("pass" if kv["same_top1"]["low"] >= 0.95 else "warn")
+        assert 0.9 < kv["same_top1"]["value"] < 0.99, "FP8 KV moves some top-1 tokens, far from 4-bit's damage"
         assert kv["kl_mean"]["value"] > 1000 * found["base"]["fidelity"]["kl_mean"]["value"]
         assert kv["merged_mass"] < 0.01, "vLLM returned (nearly) all of the reference's top-64"
         assert probes["kv-fp8-e4m3"]["canary_mean_abs_diff"] > 1e-3
