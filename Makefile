@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 
 install:
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e '.[hf,lmeval,judge,llamacpp,dev]'
+	$(PIP) install --quiet -e '.[hf,lmeval,judge,llamacpp,ray,dev]'
 
 # The main job on the bundled default: pipelines/demo.yaml (exit 0 pass/warn, 1 gate failed).
 demo: install

@@ -49,6 +49,20 @@ class TrackingConfig(Strict):
     uri: str | None = Field(default=None, description="tracking URI; default: MLFLOW_TRACKING_URI, else ./mlflow.db")
 
 
+class ExecutorConfig(Strict):
+    """Where the stacks are measured: one after another in this process (local), or spread over a Ray
+    cluster, one actor per stack (qualgate/executors/ray_executor.py)."""
+
+    name: Literal["local", "ray"] = "local"
+    address: str | None = Field(default=None, description="Ray head (host:port); default: start one")
+    num_cpus: float = Field(default=1, gt=0, description="CPUs each stack's actor reserves (its torch threads)")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs each stack's actor reserves (an engine on a GPU)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per stack actor")
+    max_restarts: int = Field(default=2, ge=0, description="restarts of a stack's actor whose process died")
+    max_task_retries: int = Field(default=2, ge=0, description="retries of its unfinished call after a restart")
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env for the workers")
+
+
 class Threshold(Strict):
     # NaN compares false with everything: a NaN threshold would pass any stack. Refused at load.
     warn: float | None = Field(default=None, allow_inf_nan=False)
@@ -88,6 +102,7 @@ class Pipeline(Strict):
     # Published statements checked against this run's numbers (qualgate/claims.py); they do not gate.
     claims: list[Claim] = Field(default_factory=list)
     tracking: TrackingConfig = TrackingConfig()
+    executor: ExecutorConfig = ExecutorConfig()
 
     @model_validator(mode="before")
     @classmethod

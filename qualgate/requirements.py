@@ -44,6 +44,8 @@ def needs(pipeline: Pipeline) -> list[Need]:
     found = list(BACKEND_NEEDS.get(pipeline.backend.name, ()))
     for instrument in pipeline.active_instruments():
         found.extend(instrument.needs)
+    if pipeline.executor.name == "ray":
+        found.append(Need("ray", "ray", "ray", "executor 'ray'"))
     return list(dict.fromkeys(found))
 
 

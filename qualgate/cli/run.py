@@ -48,10 +48,24 @@ def _tracking_uri(pipeline: Pipeline, cli_uri: str | None, disabled: bool, where
     check_uri(resolve_uri(cli_uri, pipeline.tracking.uri), "--tracking-uri" if cli_uri else f"{where}: tracking URI")
 
 
+def _with_executor(pipeline: Pipeline, name: str | None, address: str | None) -> Pipeline:
+    """--executor and --ray-address win over the pipeline's `executor:` section."""
+    if address and (name or pipeline.executor.name) != "ray":
+        raise ConfigError("--ray-address needs the ray executor; add --executor ray")
+    update: dict[str, Any] = {}
+    if name:
+        update["name"] = name
+    if address:
+        update["address"] = address
+    if not update:
+        return pipeline
+    return pipeline.model_copy(update={"executor": pipeline.executor.model_copy(update=update)})
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.pipeline)
     args.log_dir = args.out  # an internal error's traceback goes under the run directory
-    pipeline = load_pipeline(path)
+    pipeline = _with_executor(load_pipeline(path), args.executor, args.ray_address)
     out = Path(args.out or f"runs/{pipeline.name}")
     args.log_dir = out
     if out.exists() and not out.is_dir():
@@ -121,6 +135,15 @@ def add_commands(commands: Any) -> None:
         help="MLflow tracking URI (default: the pipeline's tracking.uri, else MLFLOW_TRACKING_URI, else ./mlflow.db)",
     )
     run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (the run directory is kept)")
+    run.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default=None,
+        help="where the stacks are measured: this process (local, the default) or a Ray cluster (qualgate[ray])",
+    )
+    run.add_argument(
+        "--ray-address", default=None, help="the Ray head, host:port (default: executor.address, else a local Ray)"
+    )
     run.set_defaults(func=cmd_run)
     val = commands.add_parser("validate", help="check a pipeline file and list the stacks it plans")
     val.add_argument("pipeline")

@@ -3,12 +3,15 @@ findings and assemble the report. Publishing (files, terminal) lives in report.p
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qualgate.budgets import budget_finding, budget_rows
 from qualgate.claims import judge_claims
 from qualgate.config import Pipeline
+from qualgate.executors import EXECUTOR_FILE, executor_for
 from qualgate.gate import Finding, judge, verdict, worst_status
 from qualgate.instruments import Instrument
 from qualgate.instruments.base import plugin_path
@@ -20,15 +23,27 @@ from qualgate.run.compound import compound_table
 from qualgate.run.context import OnProgress, RunContext
 from qualgate.run.provenance import git_state
 from qualgate.run.storage import kv_storage_bits
+from qualgate.run_files import RunFiles
 from qualgate.version import __version__
 
 
 class Runner:
-    def __init__(self, pipeline: Pipeline, where: str, out_dir: Path, on_progress: OnProgress | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        where: str,
+        out_dir: Path,
+        on_progress: OnProgress | None = None,
+        files: RunFiles | None = None,
+        on_line: Callable[[str], None] = print,
+    ) -> None:
+        """`files`: the run directory reached from elsewhere (a cluster worker measuring one stack);
+        `on_line`: where an executor reports each finished stack."""
         self.pipeline = pipeline
         self.where = where
-        self.ctx = RunContext(pipeline, where, out_dir, on_progress)
+        self.ctx = RunContext(pipeline, where, out_dir, on_progress, files)
         self.planned = plan(pipeline, pipeline.built_layers(where))
+        self.on_line = on_line
 
     @property
     def computed(self) -> int:
@@ -106,7 +121,11 @@ class Runner:
         checked = checked or preflight(self.pipeline, self.where)
         instruments = checked.instruments
         with self.ctx as ctx:
-            measured = [(planned, *self.stack(planned, instruments)) for planned in self.planned]
+            # Where the stacks are measured (this process, or a cluster) changes no byte of the report:
+            # the executor hands back the same entries and findings in plan order.
+            executor = executor_for(self.pipeline.executor)
+            measured = executor.measure(self, instruments)
+            ctx.files.write(EXECUTOR_FILE, json.dumps(executor.placement, indent=1, sort_keys=True).encode())
             # Budgets compare stacks with each other (a step with the one before, a layer alone), so they
             # are judged once every stack is measured.
             done = {planned.layer_names: entry for planned, entry, _ in measured}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qualgate.executors import EXECUTOR_FILE
 from qualgate.instruments.base import publishers
 from qualgate.tracking import plots
 from qualgate.tracking.layout import build_layout
@@ -64,12 +66,21 @@ def _findings_table(report: dict[str, Any]) -> dict[str, list[Any]]:
     return {c: [row.get(c) for row in rows] for c in columns}
 
 
+def read_placement(run_dir: Path) -> dict[str, Any] | None:
+    """Where each stack ran (executor.json; absent in runs from before executors: no tags)."""
+    try:
+        found = json.loads((run_dir / EXECUTOR_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def upload(run_dir: Path, report: dict[str, Any], state: TrackingState, uri: str, experiment: str) -> tuple[str, bool]:
     """Log RUN_DIR to MLflow (once; see Tracker.upload) and record the outcome in tracking.json."""
     state.uri, state.experiment = uri, experiment
     state.save(run_dir)  # before any upload: a crash half way leaves the uid, so sync can replace the partial
     images = render_plots(report, run_dir)
-    layout = build_layout(report, state.run_uid)
+    layout = build_layout(report, state.run_uid, read_placement(run_dir))
 
     def attach(tracker: Tracker, parent_id: str, child_ids: dict[str, str]) -> None:
         for name in ("report.json", "summary.md", "junit.xml"):

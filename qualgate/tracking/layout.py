@@ -123,7 +123,8 @@ def stack_spec(
     return spec
 
 
-def build_layout(report: dict[str, Any], run_uid: str) -> RunLayout:
+def build_layout(report: dict[str, Any], run_uid: str, placement: dict[str, Any] | None = None) -> RunLayout:
+    """`placement`: where each stack ran (the run directory's executor.json), tagged on the runs."""
     provenance = report["provenance"]
     git = provenance.get("git") or {}
     golden = provenance.get("golden") or {}
@@ -181,4 +182,11 @@ def build_layout(report: dict[str, Any], run_uid: str) -> RunLayout:
     stacks = [
         StackRun(stack_spec(stack, rows.get(stack["name"]), common, instruments), stack) for stack in report["stacks"]
     ]
+    if placement:
+        parent.tags["qualgate.executor"] = str(placement.get("executor"))
+        for run in stacks:
+            run.spec.tags["qualgate.executor"] = str(placement.get("executor"))
+            where = placement.get("stacks", {}).get(run.spec.name, {})
+            node = " ".join(str(where[k]) for k in ("node", "host") if k in where)
+            run.spec.tags["qualgate.node"] = short(node or "-")
     return RunLayout(parent, stacks)
