@@ -103,7 +103,7 @@ class RayExecutor:
                 max_restarts=cfg.max_restarts,
                 max_task_retries=cfg.max_task_retries,
             )
-            threads = max(1, int(cfg.num_cpus))
+            threads = self._threads(runner)
             args = (runner.pipeline, runner.where, os.getcwd(), str(runner.ctx.out.resolve()), files, threads)
             planned = runner.planned
             first = [i for i, p in enumerate(planned) if not p.layer_names]
@@ -118,6 +118,17 @@ class RayExecutor:
         if failed:
             raise self._failure(runner, failed, len(results))
         return [(planned[i], results[i]["entry"], results[i]["findings"]) for i in range(len(planned))]
+
+    @staticmethod
+    def _threads(runner: Runner) -> int:
+        """The torch threads of every stack actor: the backend's `threads`, else what this process uses,
+        so the actors compute what a local run would. Token-by-token decoding on the CPU rounds
+        differently with another thread count (measured on the nightly: every decode-path and
+        equivalence number moved in its 6th digit with 1 thread instead of 2), so a report would differ."""
+        import torch
+
+        configured = runner.pipeline.backend.options.get("threads")
+        return int(configured) if configured else torch.get_num_threads()
 
     def _wave(
         self, ray: Any, runner: Runner, worker: Any, args: tuple[Any, ...], wave: list[int], results: dict[int, Any]

@@ -82,7 +82,7 @@ class StackWorker:
         try:
             import torch
 
-            torch.set_num_threads(self.threads)  # this actor's reserved CPUs, not the node's
+            torch.set_num_threads(self.threads)  # the driver's count: the same numbers as a local run
             runner = Runner(pipeline, where, Path(out), files=RemoteFiles(files))
             instruments = pipeline.active_instruments()
             for instrument in instruments:
