@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
+from qualgate.devices import DEVICE_PATTERN
 from qualgate.errors import ConfigError, MissingDependencyError
 from qualgate.fixtures import BUNDLED_MODELS, bundled_model_path
 
@@ -27,6 +29,15 @@ class ModelSpec(BaseModel):
     path: str = f"{BUNDLED_PREFIX}target"
     """A local directory, a hub id already in the local HF cache, or `bundled:<name>`."""
     dtype: Dtype = "float32"
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN)
+    """auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps: where the in-process model runs."""
+    device_map: Literal["auto"] | None = None
+    """auto: spread a model too large for one GPU over every visible GPU (accelerate's device_map)."""
+
+    def torch_device(self) -> torch.device:
+        from qualgate.devices import resolve
+
+        return resolve(self.device)
 
     def local_path(self) -> Path | None:
         if self.path.startswith(BUNDLED_PREFIX):
@@ -96,13 +107,26 @@ def load_hf_model(spec: ModelSpec) -> Any:
         from transformers import AutoModelForCausalLM
     except ImportError as exc:
         raise MissingDependencyError("transformers", "the hf backend", extra="hf") from exc
+    options: dict[str, Any] = {"dtype": spec.torch_dtype()}
+    if spec.device_map is not None:
+        if importlib.util.find_spec("accelerate") is None:
+            raise MissingDependencyError("accelerate", "model.device_map", extra="lmeval")
+        options["device_map"] = spec.device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.source(), dtype=spec.torch_dtype())
+        model = AutoModelForCausalLM.from_pretrained(spec.source(), **options)
     except OSError as exc:
         raise ConfigError(
             f"model '{spec.path}' could not be loaded offline ({exc}); download it to a local directory first"
         ) from None
+    if spec.device_map is None:
+        model = model.to(spec.torch_device())
     return model.eval()
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a model's input ids go: its embedding's device (the first GPU of a device_map)."""
+    device: torch.device = model.get_input_embeddings().weight.device
+    return device
 
 
 def load_hf_tokenizer(spec: ModelSpec) -> Any:

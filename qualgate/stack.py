@@ -49,7 +49,13 @@ class Stack:
 
     def identity(self) -> dict[str, Any]:
         return {
-            "model": {"path": self.model.path, "dtype": self.model.dtype, "files": self.model.fingerprint()},
+            "model": {
+                "path": self.model.path,
+                "dtype": self.model.dtype,
+                "files": self.model.fingerprint(),
+                # Kernels differ by device: a record measured on a GPU is not a CPU's.
+                "device": self.model.torch_device().type,
+            },
             "layers": [layer.identity() for layer in self.layers],
         }
 

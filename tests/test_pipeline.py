@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from helpers import REPO
 from helpers import pipeline_file as _pipeline
 from helpers import run_pipeline as _run
 
 from qualgate.cli import main
+from qualgate.devices import resolve
 from qualgate.report_model import REPORT_VERSION
 
 
@@ -73,6 +75,8 @@ def test_eight_bit_passes_with_a_compound_table(tmp_path: Path, monkeypatch: pyt
     report = json.loads(first)
     assert report["verdict"] == "pass"
     assert report["provenance"]["golden"]["n_tokens"] == 4080
+    device = report["provenance"]["device"]  # where the in-process model ran, and on what torch
+    assert device["device"] == str(resolve("auto")) and device["torch"] == torch.__version__
     assert _run(path, tmp_path / "run") == 0, "a rerun reuses every record"
     assert (tmp_path / "run" / "report.json").read_text() == first, "and reports the same, byte for byte"
     assert [s["name"] for s in report["stacks"]] == [

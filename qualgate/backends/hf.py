@@ -15,10 +15,11 @@ from qualgate.backends.hf_cache import croppable, snapshot_cache
 from qualgate.backends.hf_decode import GreedyDecoder
 from qualgate.backends.rows import with_tail_sample
 from qualgate.backends.tokenized import TokenizedSession
+from qualgate.devices import resolve
 from qualgate.errors import ConfigError
 from qualgate.layers import KVQuantLayer, Layer, PrefixCacheLayer, SpeculationLayer, WeightQuantLayer
 from qualgate.layers.prefix_cache import PrefixStore
-from qualgate.models import load_hf_model, load_hf_tokenizer
+from qualgate.models import input_device, load_hf_model, load_hf_tokenizer
 from qualgate.stack import Stack
 from qualgate.validation import validate
 
@@ -46,6 +47,10 @@ class HFBackend(Backend):
 
     def check(self, stack: Stack) -> None:
         super().check(stack)
+        stack.model.torch_device()  # a device this machine does not have: exit 2 before any model loads
+        draft_device = getattr(getattr(stack.layer("speculation"), "params", None), "draft_device", None)
+        if draft_device:
+            resolve(draft_device, f"layer '{stack.layer('speculation').method}': draft_device")  # type: ignore[union-attr]
         weight_layer = stack.layer("weight_quant")
         model_dir = stack.model.local_path()
         if isinstance(weight_layer, WeightQuantLayer) and model_dir is not None:
@@ -68,18 +73,20 @@ def _score_result(
     widened to float64 (a full-vocabulary float64 copy would cost more than the forward pass)."""
     import torch
 
-    targets = torch.tensor(ids[1:]).unsqueeze(1)
+    # Selected on the logprobs' device; only the kept values come back to the host.
+    targets = torch.tensor(ids[1:], device=logprobs.device).unsqueeze(1)
     top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
     top_logprobs = top.values.double()
     gathered = None
     if gather is not None:
-        gathered = logprobs.gather(1, torch.as_tensor(gather, dtype=torch.long)).double().numpy()
+        index = torch.as_tensor(gather, dtype=torch.long, device=logprobs.device)
+        gathered = logprobs.gather(1, index).double().cpu().numpy()
     return ScoreResult(
         token_ids=np.asarray(ids, dtype=np.int64),
-        logprobs=logprobs.gather(1, targets).squeeze(1).double().numpy(),
-        top_ids=top.indices.numpy(),
-        top_logprobs=top_logprobs.numpy(),
-        tail_mass=(1.0 - top_logprobs.exp().sum(dim=-1)).clamp(min=0.0).numpy(),
+        logprobs=logprobs.gather(1, targets).squeeze(1).double().cpu().numpy(),
+        top_ids=top.indices.cpu().numpy(),
+        top_logprobs=top_logprobs.cpu().numpy(),
+        tail_mass=(1.0 - top_logprobs.exp().sum(dim=-1)).clamp(min=0.0).cpu().numpy(),
         block_size=block_size,
         gathered=gathered,
     )
@@ -102,6 +109,7 @@ class HFSession(TokenizedSession):
             assert isinstance(weight_layer, WeightQuantLayer)
             model = weight_layer.apply(model)
         self.model = model
+        self.device = input_device(model)
         self.config = model.config
         self.n_vocab = int(model.config.vocab_size)
         self.max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 0)
@@ -112,6 +120,8 @@ class HFSession(TokenizedSession):
         spec = stack.layer("speculation")
         self.speculation = spec if isinstance(spec, SpeculationLayer) else None
         proposer = self.speculation.make_proposer(stack.model.torch_dtype()) if self.speculation else None
+        if proposer is not None:
+            proposer.place(self.device)
         prefix = stack.layer("prefix_cache")
         self.prefix_store: PrefixStore | None = None
         if isinstance(prefix, PrefixCacheLayer):
@@ -134,7 +144,8 @@ class HFSession(TokenizedSession):
         import torch
 
         with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([token_ids]), past_key_values=cache, use_cache=cache is not None)
+            inputs = torch.tensor([token_ids], device=self.device)
+            out = self.model(input_ids=inputs, past_key_values=cache, use_cache=cache is not None)
         return torch.log_softmax(out.logits[0].float(), dim=-1)
 
     def _check_length(self, n: int, what: str) -> None:
@@ -173,9 +184,9 @@ class HFSession(TokenizedSession):
         else:
             cache = self.new_cache()
             logprobs = torch.cat([self._forward(inputs[start:end], cache) for start, end in spans])
-        result = with_tail_sample(
-            _score_result(ids, logprobs, top_k, block_size, gather), logprobs.numpy(), tail_samples
-        )
+        result = _score_result(ids, logprobs, top_k, block_size, gather)
+        if tail_samples:
+            result = with_tail_sample(result, logprobs.cpu().numpy(), tail_samples)
         return replace(result, schedule=tuple(schedule)) if schedule is not None else result
 
     def score_many(self, sequences: Sequence[Sequence[int]], block_size: int | None = None) -> list[ScoreResult]:
@@ -200,8 +211,8 @@ class HFSession(TokenizedSession):
                 if len(ids) < 2:
                     raise ConfigError("score needs at least two tokens (one context token and one to predict)")
                 self._check_length(len(ids) - 1, "the scored sequence")
-            inputs = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            inputs = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
+            mask = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
             for row, ids in enumerate(batch):
                 inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
                 mask[row, : len(ids) - 1] = 1

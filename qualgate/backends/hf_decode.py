@@ -125,7 +125,7 @@ class GreedyDecoder:
             stacked = torch.stack(rows)
             k = min(top_k, stacked.shape[-1])
             top = stacked.topk(k, dim=-1)
-            top_ids, top_lps = top.indices.numpy(), top.values.numpy()
+            top_ids, top_lps = top.indices.cpu().numpy(), top.values.cpu().numpy()
         else:
             top_ids, top_lps = np.zeros((0, top_k), dtype=np.int64), np.zeros((0, top_k))
         stats: dict[str, float] = {}

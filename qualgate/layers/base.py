@@ -128,6 +128,10 @@ class Proposer(ABC):
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         """Up to k draft tokens to follow `context` (an empty list means: decode one token normally)."""
 
+    def place(self, device: torch.device) -> None:
+        """Put any model the proposer runs on the target's device (called once by the session)."""
+        return None  # n-gram and rule-based proposers run no model
+
 
 class SpeculationLayer(Layer[SP]):
     kind: ClassVar[LayerKind] = "speculation"

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from pydantic import Field, model_validator
 
+from qualgate.devices import DEVICE_PATTERN, resolve
 from qualgate.layers.base import LayerParams, Proposer, SpeculationLayer, SpeculationParams, register_layer
 from qualgate.models import ModelSpec, load_hf_model
 
@@ -58,15 +59,27 @@ class SpeculationStats:
 class DraftModelParams(SpeculationParams):
     draft: str = "bundled:draft"
     """The draft model (same tokenizer as the target): a directory, hub id or bundled:<name>."""
+    draft_device: str | None = Field(default=None, pattern=DEVICE_PATTERN)
+    """Where the draft runs (cpu, cuda:N, mps); default: the target model's device."""
 
 
 class DraftModelProposer(Proposer):
     """Greedy proposals from a small model that keeps its own KV cache across verification steps."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, device: torch.device | None = None) -> None:
         self.model = model
+        self.device = device  # None: the target's (place)
         self.cache: Any = None
         self.cached: list[int] = []  # the token ids whose K/V the draft cache holds
+
+    def place(self, device: torch.device) -> None:
+        self.device = self.device or device
+        self.model = self.model.to(self.device)
+
+    def _ids(self, ids: list[list[int]]) -> Any:
+        import torch
+
+        return torch.tensor(ids, device=self.device)
 
     def _sync(self, context: Sequence[int]) -> Any:
         """Bring the draft cache to `context` minus its last token; return that token's logits."""
@@ -84,7 +97,7 @@ class DraftModelProposer(Proposer):
             self.cached = self.cached[:shared]
         fresh = list(context[len(self.cached) :])
         with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([fresh]), past_key_values=self.cache, use_cache=True)
+            out = self.model(input_ids=self._ids([fresh]), past_key_values=self.cache, use_cache=True)
         self.cached.extend(fresh)
         return out.logits[0, -1]
 
@@ -99,7 +112,7 @@ class DraftModelProposer(Proposer):
                 draft.append(token)
                 if len(draft) == k:
                     break
-                out = self.model(input_ids=torch.tensor([[token]]), past_key_values=self.cache, use_cache=True)
+                out = self.model(input_ids=self._ids([[token]]), past_key_values=self.cache, use_cache=True)
                 self.cached.append(token)
                 logits = out.logits[0, -1]
         return draft
@@ -118,7 +131,10 @@ class DraftModel(SpeculationLayer[DraftModelParams]):
         return {**super().identity(), "draft_fingerprint": ModelSpec(path=self.params.draft).fingerprint()}
 
     def make_proposer(self, dtype: torch.dtype) -> Proposer:
-        return DraftModelProposer(load_hf_model(ModelSpec(path=self.params.draft)).to(dtype))
+        # Loaded on the host; the session places it (on draft_device when given, else the target's device).
+        where = self.params.draft_device
+        spec = ModelSpec(path=self.params.draft, device="cpu")
+        return DraftModelProposer(load_hf_model(spec).to(dtype), resolve(where, "draft_device") if where else None)
 
 
 class NgramParams(SpeculationParams):

@@ -100,9 +100,11 @@ class TurboQuantCodec:
     def quantize_directions(self, unit: torch.Tensor) -> torch.Tensor:
         """The MSE stage on unit vectors (rows): rotate, round each coordinate to its codebook, rotate back."""
         high, low, n_high = self._codebooks
-        rotated = unit @ self.rotation.T
+        high, low = high.to(unit.device), low.to(unit.device)
+        rotation = self.rotation.to(unit.device)  # made on the host once; the states may live on a GPU
+        rotated = unit @ rotation.T
         coded = torch.cat([_nearest(rotated[..., :n_high], high), _nearest(rotated[..., n_high:], low)], dim=-1)
-        return coded @ self.rotation
+        return coded @ rotation
 
     def round_trip(self, vectors: torch.Tensor) -> torch.Tensor:
         """Quantize and dequantize vectors along the last dimension (float64 inside, input dtype out)."""
@@ -111,7 +113,7 @@ class TurboQuantCodec:
         unit = x / torch.where(norm > 0, norm, torch.ones_like(norm))
         approx = self.quantize_directions(unit)
         if self.qjl:
-            approx = approx + qjl_estimate(unit - approx, self.sketch)
+            approx = approx + qjl_estimate(unit - approx, self.sketch.to(unit.device))
         stored_norm = norm.to(torch.float16).double()
         return (approx * stored_norm).to(vectors.dtype)
 

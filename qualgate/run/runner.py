@@ -11,6 +11,7 @@ from typing import Any
 from qualgate.budgets import budget_finding, budget_rows
 from qualgate.claims import judge_claims
 from qualgate.config import Pipeline
+from qualgate.devices import describe
 from qualgate.executors import EXECUTOR_FILE, executor_for
 from qualgate.gate import Finding, judge, verdict, worst_status
 from qualgate.instruments import Instrument
@@ -143,6 +144,9 @@ class Runner:
                 # What each served endpoint's capability probe found (mode, top-k, canary agreement).
                 "engine_probes": ctx.engine_probes([p.stack.name for p in self.planned]),
             }
+            if self.pipeline.backend.name == "hf":
+                # The device the in-process model ran on (its kernels set the last bits of every number).
+                provenance["device"] = describe(self.pipeline.model.torch_device())
             for instrument in instruments:
                 provenance.update(instrument.provenance(ctx))
             plugins = {i.name: path for i in instruments if (path := plugin_path(i)) is not None}
