@@ -54,11 +54,12 @@ ALTERNATIVES: dict[tuple[str, str], dict[str, Any]] = {
     ("kv_quant", "ggml"): {"type_k": "q4_0", "type_v": "f16"},
     ("kv_quant", "turboquant"): {"bits": 2.5, "qjl": True, "seed": 1},
     ("kv_quant", "kivi"): {"bits": 4, "group_size": 16, "residual_length": 64},
-    ("speculation", "draft_model"): {"num_speculative_tokens": 2, "draft": "bundled:other"},
+    ("speculation", "draft_model"): {"num_speculative_tokens": 2, "draft": "bundled:other", "draft_device": "cpu"},
     ("speculation", "ngram"): {"num_speculative_tokens": 2, "prompt_lookup_max": 5, "prompt_lookup_min": 2},
     ("speculation", "draft_model_typical"): {
         "num_speculative_tokens": 2,
         "draft": "bundled:other",
+        "draft_device": "cpu",
         "posterior_threshold": 0.2,
         "posterior_alpha": 0.5,
     },
