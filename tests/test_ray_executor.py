@@ -29,14 +29,18 @@ LAYERS = {
 }
 
 
-def pipeline(tmp: Path, stacks: list[list[str]], name: str = "ray") -> Path:
+def pipeline(tmp: Path, stacks: list[list[str]], golden: Path, name: str = "ray") -> Path:
+    """Fidelity on the 6-chunk golden: the checks are about where and how the work ran, not its intervals."""
     data = {
         "version": 1,
         "name": name,
         "model": {"path": "bundled:target"},
+        # One torch thread in the local run and in every stack actor: two actors on two cores, each with
+        # the driver's two threads, would fight over the cores (and one count keeps the numbers identical).
+        "backend": {"name": "hf", "options": {"threads": 1}},
         "layers": LAYERS,
         "stacks": [{"layers": s} for s in stacks],
-        "instruments": {"fidelity": {"golden": "golden/bundled-target"}},
+        "instruments": {"fidelity": {"golden": str(golden)}},
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -54,10 +58,16 @@ def cluster() -> Iterator[RayCluster]:
 
 
 @pytest.fixture(scope="module")
-def local_report(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+def local_report(tmp_path_factory: pytest.TempPathFactory, small_golden: Path) -> bytes:
     """The reference: the same pipeline, measured in this process by the local executor."""
+    import torch
+
     tmp = tmp_path_factory.mktemp("local")
-    assert run_pipeline(pipeline(tmp, STACKS), tmp / "run", "--no-tracking") == 0  # w4 warns: exit 0
+    threads = torch.get_num_threads()  # the backend's threads option sets this process's count: restore it
+    try:
+        assert run_pipeline(pipeline(tmp, STACKS, small_golden), tmp / "run", "--no-tracking") in (0, 1)
+    finally:
+        torch.set_num_threads(threads)
     return (tmp / "run" / "report.json").read_bytes()
 
 
@@ -106,11 +116,11 @@ def measuring_workers() -> list[int]:
 
 @pytest.mark.slow
 def test_ray_run_is_byte_identical_spread_over_both_nodes_and_tagged(
-    tmp_path: Path, cluster: RayCluster, local_report: bytes
+    tmp_path: Path, cluster: RayCluster, local_report: bytes, small_golden: Path
 ) -> None:
     out = tmp_path / "run"
-    code, output = finish(start(pipeline(tmp_path, STACKS), out, cluster))
-    assert code == 0, output[-3000:]
+    code, output = finish(start(pipeline(tmp_path, STACKS, small_golden), out, cluster))
+    assert code in (0, 1) and "Traceback" not in output, output[-3000:]  # the verdict: the report, compared below
     assert (out / "report.json").read_bytes() == local_report
     lines = ray_lines(output)
     assert sorted(m[3] for m in lines) == ["base", "w4g64", "w8g128"] and lines[0][3] == "base", output[-3000:]
@@ -136,17 +146,17 @@ def test_ray_run_is_byte_identical_spread_over_both_nodes_and_tagged(
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_stack_is_retried_and_the_report_is_unchanged(
-    tmp_path: Path, cluster: RayCluster, local_report: bytes
+    tmp_path: Path, cluster: RayCluster, local_report: bytes, small_golden: Path
 ) -> None:
     out = tmp_path / "run"
-    proc = start(pipeline(tmp_path, STACKS), out, cluster, "--no-tracking")
+    proc = start(pipeline(tmp_path, STACKS, small_golden), out, cluster, "--no-tracking")
     # Once the baseline is in and a layered stack has checkpointed a chunk: SIGKILL its worker.
     records, partial = out / "records", out / "partial"
     wait_for(lambda: len(list(records.glob("*.json"))) >= 1 and any(partial.glob("*/*.npz")) and measuring_workers())
     killed = measuring_workers()[0]
     os.kill(killed, signal.SIGKILL)
     code, output = finish(proc)
-    assert code == 0, output[-3000:]
+    assert code in (0, 1) and "Traceback" not in output, output[-3000:]  # the verdict: the report, compared below
     assert (out / "report.json").read_bytes() == local_report
     lines = ray_lines(output)
     assert len(lines) == 3 and killed not in {int(m[5]) for m in lines}, "the killed worker's stack ran again"
@@ -154,23 +164,25 @@ def test_a_worker_killed_mid_stack_is_retried_and_the_report_is_unchanged(
 
 @pytest.mark.slow
 def test_a_killed_driver_resumes_by_rerunning_the_command(
-    tmp_path: Path, cluster: RayCluster, local_report: bytes
+    tmp_path: Path, cluster: RayCluster, local_report: bytes, small_golden: Path
 ) -> None:
-    path, out = pipeline(tmp_path, STACKS), tmp_path / "run"
+    path, out = pipeline(tmp_path, STACKS, small_golden), tmp_path / "run"
     proc = start(path, out, cluster, "--no-tracking")
     wait_for(lambda: len(list((out / "records").glob("*.json"))) >= 2)
     proc.kill()
     proc.communicate()
     code, output = finish(start(path, out, cluster, "--no-tracking"))
-    assert code == 0, output[-3000:]
+    assert code in (0, 1) and "Traceback" not in output, output[-3000:]  # the verdict: the report, compared below
     assert (out / "report.json").read_bytes() == local_report
     measured, reused = map(int, re.search(r"(\d+) units measured, (\d+) reused; report", output).groups())  # type: ignore[union-attr]
     assert reused >= 2 and measured + reused == 3, output[-2000:]
 
 
 @pytest.mark.slow
-def test_a_stack_failing_on_its_worker_is_reported_and_the_others_finish(tmp_path: Path, cluster: RayCluster) -> None:
-    path, out = pipeline(tmp_path, [[], ["w8"], ["bad"]], name="rayfail"), tmp_path / "run"
+def test_a_stack_failing_on_its_worker_is_reported_and_the_others_finish(
+    tmp_path: Path, cluster: RayCluster, small_golden: Path
+) -> None:
+    path, out = pipeline(tmp_path, [[], ["w8"], ["bad"]], small_golden, name="rayfail"), tmp_path / "run"
     code, output = finish(start(path, out, cluster, "--no-tracking"))
     assert code == 2, output[-3000:]
     error = [line for line in output.splitlines() if line.startswith("qualgate: error:")]
@@ -182,18 +194,20 @@ def test_a_stack_failing_on_its_worker_is_reported_and_the_others_finish(tmp_pat
     assert not (out / "report.json").exists()
 
 
-def test_an_unreachable_head_is_exit_3_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unreachable_head_is_exit_3_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], small_golden: Path
+) -> None:
     from server_process import free_port
 
     address = f"127.0.0.1:{free_port()}"
-    path = pipeline(tmp_path, [[]])
+    path = pipeline(tmp_path, [[]], small_golden)
     assert run_pipeline(path, tmp_path / "run", "--no-tracking", "--executor", "ray", "--ray-address", address) == 3
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"the Ray head at {address} is unreachable" in err and "ray start --head" in err
 
 
 def test_without_the_extra_ray_is_exit_2_naming_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, small_golden: Path
 ) -> None:
     import importlib.util
 
@@ -201,20 +215,20 @@ def test_without_the_extra_ray_is_exit_2_naming_it(
 
     real = importlib.util.find_spec
     monkeypatch.setattr(requirements.importlib.util, "find_spec", lambda name: None if name == "ray" else real(name))
-    assert run_pipeline(pipeline(tmp_path, [[]]), tmp_path / "run", "--executor", "ray") == 2
+    assert run_pipeline(pipeline(tmp_path, [[]], small_golden), tmp_path / "run", "--executor", "ray") == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install 'qualgate[ray]'" in err and "executor 'ray'" in err
 
 
-def test_executor_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_executor_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str], small_golden: Path) -> None:
     from qualgate.cli import main
 
-    path = pipeline(tmp_path, [[]])
+    path = pipeline(tmp_path, [[]], small_golden)
     data = yaml.safe_load(path.read_text())
     data["executor"] = {"name": "ray", "num_cpu": 2}
     path.write_text(yaml.safe_dump(data))
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "num_cpu" in err and "num_cpus" in err and err.count("\n") == 0
-    assert run_pipeline(pipeline(tmp_path, [[]]), tmp_path / "run", "--ray-address", "127.0.0.1:1") == 2
+    assert run_pipeline(pipeline(tmp_path, [[]], small_golden), tmp_path / "run", "--ray-address", "127.0.0.1:1") == 2
     assert "--ray-address needs the ray executor" in capsys.readouterr().err
