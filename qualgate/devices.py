@@ -8,6 +8,7 @@ session's device, and only the few values a result keeps come back to the host.
 from __future__ import annotations
 
 import platform
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from qualgate.errors import ConfigError
@@ -18,14 +19,17 @@ if TYPE_CHECKING:
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
 
 
-def present() -> list[str]:
-    """Every device torch can use here, by name."""
+@lru_cache(maxsize=1)
+def present() -> tuple[str, ...]:
+    """Every device torch can use here, by name (asked once: every record identity resolves the device)."""
     import torch
 
-    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     if torch.backends.mps.is_available():
         found.append("mps")
-    return found
+    return tuple(found)
 
 
 def resolve(name: str, where: str = "model.device") -> torch.device:

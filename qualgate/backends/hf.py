@@ -48,9 +48,10 @@ class HFBackend(Backend):
     def check(self, stack: Stack) -> None:
         super().check(stack)
         stack.model.torch_device()  # a device this machine does not have: exit 2 before any model loads
-        draft_device = getattr(getattr(stack.layer("speculation"), "params", None), "draft_device", None)
-        if draft_device:
-            resolve(draft_device, f"layer '{stack.layer('speculation').method}': draft_device")  # type: ignore[union-attr]
+        spec = stack.layer("speculation")
+        draft_device = getattr(spec.params, "draft_device", None) if spec is not None else None
+        if spec is not None and draft_device:
+            resolve(draft_device, f"layer '{spec.method}': draft_device")
         weight_layer = stack.layer("weight_quant")
         model_dir = stack.model.local_path()
         if isinstance(weight_layer, WeightQuantLayer) and model_dir is not None:
@@ -211,13 +212,16 @@ class HFSession(TokenizedSession):
                 if len(ids) < 2:
                     raise ConfigError("score needs at least two tokens (one context token and one to predict)")
                 self._check_length(len(ids) - 1, "the scored sequence")
-            inputs = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
-            mask = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
+            # Filled on the host, then one copy each to the model's device (not one per row).
+            inputs = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, ids in enumerate(batch):
                 inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
                 mask[row, : len(ids) - 1] = 1
             with torch.no_grad():
-                logits = self.model(input_ids=inputs, attention_mask=mask, use_cache=False).logits
+                logits = self.model(
+                    input_ids=inputs.to(self.device), attention_mask=mask.to(self.device), use_cache=False
+                ).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             for row, ids in enumerate(batch):
                 results[order[start + row]] = _score_result(ids, logprobs[row, : len(ids) - 1], 1, None)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -97,11 +97,18 @@ class TurboQuantCodec:
         high_book, low_book = (torch.as_tensor(codebook(self.dim, b), dtype=torch.float64) for b in (high, low))
         return high_book, low_book, n_high
 
+    @lru_cache(maxsize=4)  # noqa: B019  # codecs are few and live as long as the process
+    def _fixed(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """rotation, high and low codebooks and (with QJL) the sketch on `device`: made on the host, copied
+        to a GPU once (the states may live there), not on every cache write."""
+        high, low, _ = self._codebooks
+        sketch = self.sketch.to(device) if self.qjl else None
+        return self.rotation.to(device), high.to(device), low.to(device), sketch
+
     def quantize_directions(self, unit: torch.Tensor) -> torch.Tensor:
         """The MSE stage on unit vectors (rows): rotate, round each coordinate to its codebook, rotate back."""
-        high, low, n_high = self._codebooks
-        high, low = high.to(unit.device), low.to(unit.device)
-        rotation = self.rotation.to(unit.device)  # made on the host once; the states may live on a GPU
+        n_high = self._codebooks[2]
+        rotation, high, low, _ = self._fixed(unit.device)
         rotated = unit @ rotation.T
         coded = torch.cat([_nearest(rotated[..., :n_high], high), _nearest(rotated[..., n_high:], low)], dim=-1)
         return coded @ rotation
@@ -112,8 +119,9 @@ class TurboQuantCodec:
         norm = x.norm(dim=-1, keepdim=True)
         unit = x / torch.where(norm > 0, norm, torch.ones_like(norm))
         approx = self.quantize_directions(unit)
-        if self.qjl:
-            approx = approx + qjl_estimate(unit - approx, self.sketch.to(unit.device))
+        sketch = self._fixed(unit.device)[3]
+        if sketch is not None:
+            approx = approx + qjl_estimate(unit - approx, sketch)
         stored_norm = norm.to(torch.float16).double()
         return (approx * stored_norm).to(vectors.dtype)
 
