@@ -46,6 +46,16 @@ class ScoreResult:
 
 
 @dataclass(frozen=True)
+class ScoreRequest:
+    """One sequence to score in a single forward pass (Session.score_batch), with score's options."""
+
+    token_ids: Sequence[int]
+    top_k: int = 64
+    gather: np.ndarray | None = None
+    tail_samples: int = 0
+
+
+@dataclass(frozen=True)
 class Generation:
     prompt_ids: list[int]
     token_ids: list[int]  # generated tokens only
@@ -110,6 +120,11 @@ class Session(ABC):
     def score_many(self, sequences: Sequence[Sequence[int]], block_size: int | None = None) -> list[ScoreResult]:
         """Top-1 scores of many sequences (benchmark requests). Engines may batch; the default is one by one."""
         return [self.score(ids, top_k=1, block_size=block_size) for ids in sequences]
+
+    def score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        """Each request scored in one forward pass (fidelity windows), in request order; the results
+        equal `score`'s within float noise. Engines may batch; the default is one by one."""
+        return [self.score(r.token_ids, top_k=r.top_k, gather=r.gather, tail_samples=r.tail_samples) for r in requests]
 
     @abstractmethod
     def generate(

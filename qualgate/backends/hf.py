@@ -8,9 +8,18 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from qualgate.backends.base import Backend, Capabilities, Generation, ScoreResult, block_spans, register_backend
+from qualgate.backends.base import (
+    Backend,
+    Capabilities,
+    Generation,
+    ScoreRequest,
+    ScoreResult,
+    block_spans,
+    register_backend,
+)
+from qualgate.backends.hf_batch import BatchSetting, BatchSizer
 from qualgate.backends.hf_cache import croppable, snapshot_cache
 from qualgate.backends.hf_decode import GreedyDecoder
 from qualgate.backends.rows import with_tail_sample
@@ -29,6 +38,18 @@ class HFOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's own)")
+    batch_size: BatchSetting = Field(
+        "auto",
+        description="sequences per forward pass when scoring in one pass (fidelity windows, benchmark requests): "
+        "N, or auto (sized from the device's memory; halved on out-of-memory either way)",
+    )
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, value: BatchSetting) -> BatchSetting:
+        if value != "auto" and value < 1:
+            raise ValueError("must be auto or a positive integer")
+        return value
 
 
 @register_backend
@@ -36,7 +57,9 @@ class HFBackend(Backend):
     name: ClassVar[str] = "hf"
 
     def __init__(self, **options: Any) -> None:
-        self.threads = validate(HFOptions, options, "backend 'hf' options").threads
+        parsed = validate(HFOptions, options, "backend 'hf' options")
+        self.threads = parsed.threads
+        self.batch_size = parsed.batch_size
 
     def supports(self, layer: Layer[Any]) -> bool:
         # Every layer kind has an in-process hook; a plug-in layer implements the hook of its kind.
@@ -64,7 +87,7 @@ class HFBackend(Backend):
             import torch
 
             torch.set_num_threads(self.threads)
-        return HFSession(stack)
+        return HFSession(stack, self.batch_size)
 
 
 def _score_result(
@@ -93,15 +116,10 @@ def _score_result(
     )
 
 
-# Tokens per padded batch in score_many: large enough to amortize per-call overhead on CPU, small
-# enough that a batch's logits ([tokens, vocab] float32) stay a few hundred MB at a 32k vocabulary.
-BATCH_TOKENS = 4096
-
-
 class HFSession(TokenizedSession):
     capabilities: ClassVar[Capabilities] = Capabilities(score=True, generate=True, max_top_k=None)
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: Stack, batch_size: BatchSetting = "auto") -> None:
         self.stack = stack
         self.tokenizer = load_hf_tokenizer(stack.model)
         model = load_hf_model(stack.model)
@@ -114,6 +132,7 @@ class HFSession(TokenizedSession):
         self.config = model.config
         self.n_vocab = int(model.config.vocab_size)
         self.max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 0)
+        self.batches = BatchSizer(batch_size, self.device, self.n_vocab, f"model '{stack.model.path}'")
         kv_layer = stack.layer("kv_quant")
         self.kv_layer = kv_layer if isinstance(kv_layer, KVQuantLayer) else None
         if self.kv_layer is not None:
@@ -191,42 +210,58 @@ class HFSession(TokenizedSession):
         return replace(result, schedule=tuple(schedule)) if schedule is not None else result
 
     def score_many(self, sequences: Sequence[Sequence[int]], block_size: int | None = None) -> list[ScoreResult]:
-        """Right-padded batches of similar length in one forward pass each (a quantized KV cache is read
+        if block_size is not None:
+            return super().score_many(sequences, block_size)
+        return self.score_batch([ScoreRequest(ids, top_k=1) for ids in sequences])
+
+    def score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        """Right-padded batches of similar length, one forward pass each (a quantized KV cache is read
         block by block, so those stacks go one by one). Padding never reaches a real position: attention
         is causal and the pads come last."""
+        if self.kv_layer is not None:
+            return super().score_batch(requests)
+        for r in requests:
+            if len(r.token_ids) < 2:
+                raise ConfigError("score needs at least two tokens (one context token and one to predict)")
+            self._check_length(len(r.token_ids) - 1, "the scored sequence")
+            if r.gather is not None and r.gather.shape[0] != len(r.token_ids) - 1:
+                raise ConfigError(f"gather has {r.gather.shape[0]} rows for {len(r.token_ids) - 1} scored positions")
+        results: list[ScoreResult | None] = [None] * len(requests)
+        for group in self.batches.batches([len(r.token_ids) - 1 for r in requests]):
+            width = len(requests[group[-1]].token_ids) - 1
+            scored = self.batches.run([requests[i] for i in group], width, self._score_padded)
+            for i, result in zip(group, scored, strict=True):
+                results[i] = result
+        return [r for r in results if r is not None]
+
+    def _score_padded(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         import torch
 
-        if block_size is not None or self.kv_layer is not None:
-            return super().score_many(sequences, block_size)
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        results: list[ScoreResult | None] = [None] * len(sequences)
-        start = 0
-        while start < len(order):
-            end = start + 1
-            # Grow the batch while its padded size (count x the longest, the last) fits the budget.
-            while end < len(order) and (end - start + 1) * len(sequences[order[end]]) <= BATCH_TOKENS:
-                end += 1
-            batch = [[int(t) for t in sequences[i]] for i in order[start:end]]
-            width = max(len(ids) for ids in batch) - 1
-            for ids in batch:
-                if len(ids) < 2:
-                    raise ConfigError("score needs at least two tokens (one context token and one to predict)")
-                self._check_length(len(ids) - 1, "the scored sequence")
-            # Filled on the host, then one copy each to the model's device (not one per row).
-            inputs = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, ids in enumerate(batch):
-                inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-                mask[row, : len(ids) - 1] = 1
-            with torch.no_grad():
-                logits = self.model(
-                    input_ids=inputs.to(self.device), attention_mask=mask.to(self.device), use_cache=False
-                ).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            for row, ids in enumerate(batch):
-                results[order[start + row]] = _score_result(ids, logprobs[row, : len(ids) - 1], 1, None)
-            start = end
-        return [r for r in results if r is not None]
+        batch = [[int(t) for t in r.token_ids] for r in requests]
+        width = max(len(ids) for ids in batch) - 1
+        # Filled on the host, then one copy each to the model's device (not one per row).
+        inputs = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
+            mask[row, : len(ids) - 1] = 1
+        ragged = any(len(ids) - 1 < width for ids in batch)
+        with torch.no_grad():
+            # Without pads no mask is needed, and attention takes its causal fast path.
+            logits = self.model(
+                input_ids=inputs.to(self.device),
+                attention_mask=mask.to(self.device) if ragged else None,
+                use_cache=False,
+            ).logits
+        results = []
+        for row, (ids, request) in enumerate(zip(batch, requests, strict=True)):
+            # Row by row: one sequence's full-vocabulary log-softmax at a time, not the batch's.
+            logprobs = torch.log_softmax(logits[row, : len(ids) - 1].float(), dim=-1)
+            result = _score_result(ids, logprobs, request.top_k, None, request.gather)
+            if request.tail_samples:
+                result = with_tail_sample(result, logprobs.cpu().numpy(), request.tail_samples)
+            results.append(result)
+        return results
 
     def generate(
         self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64, top_k: int = 8

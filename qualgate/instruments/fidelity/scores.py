@@ -15,7 +15,7 @@ from qualgate.chunking import Chunk, ChunkingMode, llamacpp_chunks, rolling_chun
 from qualgate.errors import ConfigError
 
 if TYPE_CHECKING:
-    from qualgate.backends.base import Session
+    from qualgate.backends.base import ScoreResult, Session
 
 CONFIDENCE_BUCKETS = (0.0, 0.25, 0.5, 0.75, 0.95, 1.0)
 TAIL_RESOLUTION = 1e-6
@@ -123,6 +123,11 @@ def chunk_text(session: Session, text: str, config: FidelityConfig) -> list[Chun
     return chunks[: config.max_chunks] if config.max_chunks else chunks
 
 
+# Chunks handed to the session per call when scoring in one pass: the session batches within a group
+# (its batch_size), and each group's chunks are checkpointed as soon as the group is scored.
+SCORE_GROUP = 32
+
+
 def score_text(
     session: Session,
     chunks: list[Chunk],
@@ -133,60 +138,92 @@ def score_text(
 ) -> TokenScores:
     """Score every chunk; with a reference, also gather this side's logprobs at its top-k ids.
 
-    With a checkpoint, each chunk's arrays are saved as soon as they exist and reused on a rerun, so
-    an interrupted run loses at most the chunk in flight."""
+    Chunks scored in one forward pass go to the session in groups it may batch; chunks fed through
+    the KV cache (blocks, or the serving schedule) one at a time. With a checkpoint, each chunk's
+    arrays are saved as soon as they exist and reused on a rerun, so an interrupted run loses at most
+    the group in flight."""
+    from qualgate.backends.base import ScoreRequest
+
     block_size = config.block_size_for(session)
     serve = config.serves(session)
-    parts: list[dict[str, np.ndarray]] = []
-    offset = 0
-    for index, chunk in enumerate(chunks):
+    one_pass = block_size is None and not serve
+    # Only the reference side draws a tail sample and needs its own top-k; a candidate is asked for
+    # the reference's ids (gather) and its top-1. An engine that returns only its own top-k needs the
+    # full top_k for gather to find the reference's ids in it.
+    full_vocab = session.capabilities.max_top_k is None
+    top_k = config.top_k if reference is None or not full_vocab else 1
+    tail_samples = config.tail_samples if reference is None else 0
+    offsets = np.concatenate([[0], np.cumsum([c.n_scored for c in chunks])]).astype(int)
+    parts: dict[int, dict[str, np.ndarray]] = {}
+
+    def done(index: int, part: dict[str, np.ndarray], fresh: bool) -> None:
+        if fresh and checkpoint is not None:
+            checkpoint.save(index, part)
+        parts[index] = part
+        if on_chunk is not None:
+            on_chunk(len(parts), len(chunks))
+
+    def gather_for(index: int) -> np.ndarray | None:
+        if reference is None:
+            return None
+        chunk = chunks[index]
+        rows = reference.reference_ids[offsets[index] : offsets[index + 1]]
+        gather = np.zeros((len(chunk.token_ids) - 1, rows.shape[1]), dtype=np.int64)
+        gather[chunk.first_scored :] = rows
+        return gather
+
+    pending: list[int] = []
+    for index in range(len(chunks)):
         saved = checkpoint.load(index) if checkpoint is not None else None
         if saved is not None:
-            parts.append(saved)
-            offset += chunk.n_scored
-            if on_chunk is not None:
-                on_chunk(index + 1, len(chunks))
-            continue
-        gather = None
-        if reference is not None:
-            rows = reference.reference_ids[offset : offset + chunk.n_scored]
-            gather = np.zeros((len(chunk.token_ids) - 1, rows.shape[1]), dtype=np.int64)
-            gather[chunk.first_scored :] = rows
-        schedule = serving_schedule(chunk) if serve else None
-        result = session.score(
-            chunk.token_ids,
-            top_k=config.top_k,
-            block_size=block_size,
-            gather=gather,
-            schedule=schedule,
-            # Only the reference side draws a tail sample; a candidate is asked for the reference's draws.
-            tail_samples=config.tail_samples if reference is None else 0,
-        )
-        keep = slice(chunk.first_scored, None)
-        part: dict[str, np.ndarray] = {
-            "chunk": np.full(chunk.n_scored, index, dtype=np.int32),
-            "target": np.asarray(chunk.targets, dtype=np.int64),
-            "logprob": result.logprobs[keep],
-            "top_ids": result.top_ids[keep],
-            "top_logprobs": result.top_logprobs[keep],
-            "tail_mass": result.tail_mass[keep],
-        }
-        if result.gathered is not None:
-            part["gathered"] = result.gathered[keep]
-        if result.tail_ids is not None and result.tail_logprobs is not None:
-            part["tail_ids"] = result.tail_ids[keep]
-            part["tail_logprobs"] = result.tail_logprobs[keep]
-        if checkpoint is not None:
-            checkpoint.save(index, part)
-        parts.append(part)
-        offset += chunk.n_scored
-        if on_chunk is not None:
-            on_chunk(index + 1, len(chunks))
-    if reference is not None and offset != reference.n:
+            done(index, saved, fresh=False)
+        else:
+            pending.append(index)
+    if reference is not None and offsets[-1] != reference.n:
         raise ConfigError(
-            f"the candidate scored {offset} tokens but the reference has {reference.n}; "
+            f"the candidate scored {offsets[-1]} tokens but the reference has {reference.n}; "
             "they must use the same text and chunking"
         )
-    merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    group = SCORE_GROUP if one_pass else 1
+    for start in range(0, len(pending), group):
+        indices = pending[start : start + group]
+        if one_pass:
+            requests = [ScoreRequest(chunks[i].token_ids, top_k, gather_for(i), tail_samples) for i in indices]
+            results = session.score_batch(requests)
+        else:
+            [i] = indices
+            schedule = serving_schedule(chunks[i]) if serve else None
+            results = [
+                session.score(
+                    chunks[i].token_ids,
+                    top_k=top_k,
+                    block_size=block_size,
+                    gather=gather_for(i),
+                    schedule=schedule,
+                    tail_samples=tail_samples,
+                )
+            ]
+        for index, result in zip(indices, results, strict=True):
+            done(index, chunk_part(index, chunks[index], result), fresh=True)
+    merged = {key: np.concatenate([parts[i][key] for i in range(len(chunks))]) for key in parts[0]}
     label = scoring_label(block_size, serve, chunks[0].first_scored if chunks else None)
     return TokenScores(**merged, block_size=block_size, scoring=label)
+
+
+def chunk_part(index: int, chunk: Chunk, result: ScoreResult) -> dict[str, np.ndarray]:
+    """What a chunk's scores keep: its scored positions only (llama.cpp's first half is context)."""
+    keep = slice(chunk.first_scored, None)
+    part: dict[str, np.ndarray] = {
+        "chunk": np.full(chunk.n_scored, index, dtype=np.int32),
+        "target": np.asarray(chunk.targets, dtype=np.int64),
+        "logprob": result.logprobs[keep],
+        "top_ids": result.top_ids[keep],
+        "top_logprobs": result.top_logprobs[keep],
+        "tail_mass": result.tail_mass[keep],
+    }
+    if result.gathered is not None:
+        part["gathered"] = result.gathered[keep]
+    if result.tail_ids is not None and result.tail_logprobs is not None:
+        part["tail_ids"] = result.tail_ids[keep]
+        part["tail_logprobs"] = result.tail_logprobs[keep]
+    return part
