@@ -22,6 +22,7 @@ from qualgate.fsio import read_text
 from qualgate.instruments.fidelity import FidelityConfig, TokenScores, compare, score_text
 from qualgate.models import ModelSpec
 from qualgate.redact import cap, show
+from qualgate.text_source import is_dataset_spec, parse_spec, read_dataset_text
 from qualgate.validation import validate
 
 if TYPE_CHECKING:
@@ -67,19 +68,25 @@ class GoldenManifest(BaseModel):
         )
 
 
-def read_text_file(path: str) -> str:
+def read_text_file(path: str, where: str = "--text") -> str:
+    """A domain text: a UTF-8 file, or a `dataset:` spec read from the local datasets cache."""
+    if is_dataset_spec(path):
+        return read_dataset_text(parse_spec(path, where), where)
     text = read_text(Path(path), "text file", "pass --text (or fidelity.text) with a UTF-8 file")
     if not text.strip():
         raise ConfigError(f"text file '{path}' is empty; give it the domain text to score")
     return text
 
 
-def domain_text(golden_dir: Path, manifest: GoldenManifest, override: str | None = None) -> str:
-    """The domain text a golden was recorded on: `override`, else the path its manifest names."""
+def domain_text(
+    golden_dir: Path, manifest: GoldenManifest, override: str | None = None, where: str = "--text"
+) -> str:
+    """The domain text a golden was recorded on: `override` (named by `where`), else the source its
+    manifest names."""
     source = override or manifest.text.get("source")
     if not source:
         raise ConfigError(f"{golden_dir}: the manifest names no text file; pass --text")
-    return read_text_file(source)
+    return read_text_file(source, where if override else f"{golden_dir / MANIFEST}: text.source")
 
 
 def text_identity(text: str, source: str | None = None) -> dict[str, Any]:

@@ -179,7 +179,12 @@ def add_commands(commands: Any) -> None:
     rec.add_argument("--out", required=True, help="golden directory to write (e.g. golden/my-model)")
     rec.add_argument("--model", default="bundled:target")
     rec.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    rec.add_argument("--text", default=DEFAULT_TEXT)
+    rec.add_argument(
+        "--text",
+        default=DEFAULT_TEXT,
+        help="a UTF-8 file, or a dataset in the local datasets cache: dataset:NAME:CONFIG:SPLIT:FIELD "
+        "(e.g. dataset:wikitext:wikitext-2-raw-v1:test:text)",
+    )
     rec.add_argument("--mode", default="llamacpp", choices=["llamacpp", "rolling"])
     rec.add_argument("--n-ctx", type=int, default=512)
     rec.add_argument("--top-k", type=int, default=64)

@@ -21,6 +21,14 @@ from qualgate.errors import ConfigError, MissingDependencyError
 from qualgate.instruments.benchmarks.config import BenchmarksConfig
 from qualgate.instruments.benchmarks.paired import Sample
 from qualgate.registry import did_you_mean
+from qualgate.text_source import (
+    PACKAGED_BUILDERS,
+    cache_dir,
+    fetch_command,
+    fetch_hint,
+    missing_from_cache,
+    offline_by_environment,
+)
 
 if TYPE_CHECKING:
     from qualgate.instruments.benchmarks.lm import RequestCache
@@ -75,7 +83,27 @@ def task_manager(config: BenchmarksConfig, where: str) -> Any:
                 f"{where}: instruments.benchmarks.tasks: unknown task '{task}'"
                 f"{did_you_mean(task, list(full.all_tasks))}; add its YAML to an include directory"
             )
+        check_task_data(full, task, where)
     return full
+
+
+def check_task_data(manager: Any, task: str, where: str) -> None:
+    """A built-in task's dataset must be in the local datasets cache when this process may not download
+    it: exit 2 at validation with the command that fetches it, not a traceback mid-run."""
+    entry = manager._entry(task) if hasattr(manager, "_entry") else None  # lm-eval 0.4.13's task index
+    cfg = getattr(entry, "cfg", None)
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("dataset_path"), str):
+        return  # a group or tag (its tasks load their own data), or an index this lm-eval does not expose
+    dataset, name = cfg["dataset_path"], cfg.get("dataset_name")
+    if dataset in PACKAGED_BUILDERS or Path(dataset).exists() or not offline_by_environment():
+        return
+    reason = missing_from_cache(dataset, name)
+    if reason is not None:
+        raise ConfigError(
+            f"{where}: instruments.benchmarks.tasks: task '{task}' needs dataset '{dataset}'"
+            f"{f' (config {name!r})' if name else ''}, which is not in the local datasets cache {cache_dir()} "
+            f"({reason}); " + fetch_hint(fetch_command(dataset, name))
+        )
 
 
 def _primary_metric(task: str, config: BenchmarksConfig, task_config: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qualgate import golden, noise_floor
 from qualgate.chunking import Chunk
@@ -20,6 +20,7 @@ from qualgate.instruments.fidelity.compare import compare
 from qualgate.instruments.fidelity.scores import FidelityConfig, TokenScores, score_text
 from qualgate.instruments.generation import without_generation_layers
 from qualgate.store import file_sha256
+from qualgate.text_source import as_source, is_dataset_spec
 
 if TYPE_CHECKING:
     from qualgate.config import Pipeline
@@ -66,7 +67,13 @@ class FidelitySection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     golden: str = Field(description="golden directory (qualgate golden record)")
-    text: str | None = Field(None, description="domain text; default: the path in the golden manifest")
+    text: str | None = Field(
+        None,
+        description="domain text: a file, or {dataset, config, split, field} from the local datasets cache; "
+        "default: the source in the golden manifest",
+    )
+
+    _text = field_validator("text", mode="before")(as_source)
     block_size: int | None = Field(None, ge=1)
     kv_scoring: Literal["serve", "blocks"] = "serve"
     kv_block_size: int = Field(32, ge=1)
@@ -85,14 +92,14 @@ class GoldenData:
     manifest: dict[str, Any]
 
 
-def load_golden(section: FidelitySection, model: ModelSpec) -> GoldenData:
+def load_golden(section: FidelitySection, model: ModelSpec, where: str) -> GoldenData:
     """The golden opened whole and checked against this comparison (model files, text, chunking)."""
     golden_dir = Path(section.golden)
     manifest = golden.read_manifest(golden_dir)
     config = manifest.fidelity_config(
         block_size=section.block_size, kv_scoring=section.kv_scoring, kv_block_size=section.kv_block_size
     )
-    text = golden.domain_text(golden_dir, manifest, section.text)
+    text = golden.domain_text(golden_dir, manifest, section.text, f"{where}: instruments.fidelity.text")
     source = section.text or manifest.text.get("source")
     chunks, reference = golden.load(golden_dir, model, text, config, source)
     scores = file_sha256(golden_dir / golden.SCORES)
@@ -114,12 +121,13 @@ class Fidelity(Instrument[FidelitySection]):
         self.golden: GoldenData | None = None
 
     def inputs(self) -> list[str]:
-        return [self.config.golden, *([self.config.text] if self.config.text else [])]
+        text = self.config.text
+        return [self.config.golden, *([text] if text and not is_dataset_spec(text) else [])]
 
     def check(self, pipeline: Pipeline, where: str) -> None:
         """The golden opens whole and belongs to this comparison; the thresholds are above its noise
         floor. The run reuses what this opened."""
-        self.golden = load_golden(self.config, pipeline.model)
+        self.golden = load_golden(self.config, pipeline.model, where)
         floors = noise_floor.floor_values(self.golden.directory)
         for metric, tiers in pipeline.gate.items():
             for threshold in (tiers.warn, tiers.fail):
@@ -128,7 +136,7 @@ class Fidelity(Instrument[FidelitySection]):
 
     def opened(self, ctx: RunContext) -> GoldenData:
         if self.golden is None:
-            self.golden = load_golden(self.config, ctx.pipeline.model)
+            self.golden = load_golden(self.config, ctx.pipeline.model, ctx.where)
         return self.golden
 
     def data(self, ctx: RunContext) -> list[dict[str, str]]:
