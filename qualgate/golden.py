@@ -78,9 +78,7 @@ def read_text_file(path: str, where: str = "--text") -> str:
     return text
 
 
-def domain_text(
-    golden_dir: Path, manifest: GoldenManifest, override: str | None = None, where: str = "--text"
-) -> str:
+def domain_text(golden_dir: Path, manifest: GoldenManifest, override: str | None = None, where: str = "--text") -> str:
     """The domain text a golden was recorded on: `override` (named by `where`), else the source its
     manifest names."""
     source = override or manifest.text.get("source")

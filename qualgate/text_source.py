@@ -10,8 +10,10 @@ the command that fetches it on a connected machine.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,6 +61,17 @@ def fetch_hint(command: str) -> str:
 
 def is_dataset_spec(source: str) -> bool:
     return source.startswith(DATASET_PREFIX)
+
+
+def text_sha256(source: str) -> str:
+    """The content hash of a text source: a file's bytes, or a dataset's text as read."""
+    if not is_dataset_spec(source):
+        from qualgate.store import file_sha256
+
+        return file_sha256(Path(source))
+    from qualgate.golden import read_text_file
+
+    return hashlib.sha256(read_text_file(source).encode()).hexdigest()
 
 
 def parse_spec(source: str, where: str) -> DatasetText:

@@ -99,6 +99,19 @@ class Session(ABC):
     @abstractmethod
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
+    @property
+    def chat_template(self) -> str | None:
+        """The model's chat template; None when its tokenizer has none (or the engine hides it)."""
+        return None
+
+    def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """A conversation rendered by the model's chat template (text, with the template's own BOS)."""
+        raise ConfigError(f"stack '{self.stack.name}': this engine does not render chat templates")
+
+    def encode_chat(self, text: str) -> list[int]:
+        """`text` as one user turn through the chat template, with the assistant's generation prompt."""
+        raise ConfigError(f"stack '{self.stack.name}': this engine does not render chat templates")
+
     @abstractmethod
     def score(
         self,

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from qualgate.backends.base import Session
+from qualgate.chat import no_template, render, template_of
 
 
 class TokenizedSession(Session):
@@ -31,3 +32,16 @@ class TokenizedSession(Session):
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    @property
+    def chat_template(self) -> str | None:
+        return template_of(self.tokenizer)
+
+    def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise no_template(self.stack.model.path, "chat prompt")
+        return render(self.tokenizer, messages, add_generation_prompt)
+
+    def encode_chat(self, text: str) -> list[int]:
+        # The template writes its own BOS (as text the tokenizer maps to the special token): none added.
+        return self.encode(self.render_chat([{"role": "user", "content": text}]), add_bos=False)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from qualgate import chat
 from qualgate.errors import InfrastructureError
 from qualgate.fmt import fmt, interval
 from qualgate.gate import Finding
@@ -47,6 +48,11 @@ class Benchmarks(Instrument[BenchmarksConfig]):
 
     def check(self, pipeline: Pipeline, where: str) -> None:
         self._task_manager = benchmarks_run.task_manager(self.config, where)  # every include dir, every task
+        if self.config.chat_template:
+            chat.require_template(pipeline.model, f"{where}: instruments.benchmarks.chat_template")
+
+    def provenance(self, ctx: RunContext) -> dict[str, Any]:
+        return {"benchmarks_chat_template": chat.provenance(ctx.pipeline.model)} if self.config.chat_template else {}
 
     def data(self, ctx: RunContext) -> list[dict[str, str]]:
         return [

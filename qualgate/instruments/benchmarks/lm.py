@@ -54,6 +54,17 @@ class QualgateLM(TemplateLM):  # type: ignore[misc]  # lm-eval ships no type inf
         self.on_request = on_request
         self.scored_sequences: list[list[int]] = []  # for the hygiene checks (BOS count)
 
+    # -- chat template (lm-eval's apply_chat_template: true) ----------------------------------------
+    @property
+    def tokenizer_name(self) -> str:
+        return self.session.stack.model.path.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.session.chat_template or ""
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.session.render_chat(chat_history, add_generation_prompt)
+
     # -- tokenizer -------------------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:

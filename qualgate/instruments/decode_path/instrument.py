@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
 
+from qualgate.chat import prompt_source
 from qualgate.fmt import fmt, interval
 from qualgate.gate import Finding
 from qualgate.instruments.base import (
@@ -62,15 +63,15 @@ class DecodePath(Instrument[EquivalenceSection]):
                     "instrument": "decode-baseline",
                     "stack": base.identity(),
                     "prompts": self.config.prompt_files(),
+                    "chat_template": self.config.chat_template,
                     "max_new_tokens": self.config.max_new_tokens,
                 }
             )
             if record is None:
                 prompts = self.config.load()
                 with ctx.open(base) as session:
-                    gens = session.generate(
-                        [p.source for p in prompts], max_new_tokens=self.config.max_new_tokens, top_k=2
-                    )
+                    sources = [prompt_source(session, p.source, self.config.chat_template) for p in prompts]
+                    gens = session.generate(sources, max_new_tokens=self.config.max_new_tokens, top_k=2)
                     record = {"paths": [path.as_record() for path in baseline_paths(session, gens)]}
                 ctx.put(key, record)
             self._baseline = [BaselinePath.from_record(r) for r in record["paths"]]
@@ -87,6 +88,7 @@ class DecodePath(Instrument[EquivalenceSection]):
                 "instrument": "decode-path",
                 "stack": measured.identity(),
                 "prompts": self.config.prompt_files(),
+                "chat_template": self.config.chat_template,
                 "max_new_tokens": self.config.max_new_tokens,
             }
         )

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from qualgate.chat import prompt_source
 from qualgate.instruments.equivalence.counters import aggregate_layer_stats, group_stats
 from qualgate.instruments.equivalence.divergence import Divergence, classify, first_divergence, has_top
 from qualgate.instruments.equivalence.probes import Prompt, prefix_coverage
@@ -130,7 +131,8 @@ def _generate(
     saved = checkpoint.load(name) if checkpoint is not None else None
     if saved is not None:
         return _from_record(saved)
-    [gen] = session.generate([prompt.source], max_new_tokens=config.max_new_tokens, top_k=config.top_k)
+    source = prompt_source(session, prompt.source, config.chat_template)
+    [gen] = session.generate([source], max_new_tokens=config.max_new_tokens, top_k=config.top_k)
     if checkpoint is not None:
         checkpoint.save(name, _to_record(gen))
     return gen

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from qualgate import golden
+from qualgate import chat, golden
 from qualgate.errors import ConfigError
 from qualgate.fmt import fmt
 from qualgate.gate import Finding
@@ -18,7 +18,7 @@ from qualgate.instruments.equivalence.probes import Prompt, prefix_probes, specu
 from qualgate.instruments.equivalence.section import EquivalenceSection, probe_text_path
 from qualgate.instruments.generation import GENERATION_KINDS, reference_stack
 from qualgate.jsonl import prompt_id, read_prompt_rows
-from qualgate.store import file_sha256
+from qualgate.text_source import is_dataset_spec, text_sha256
 
 if TYPE_CHECKING:
     from qualgate.backends.base import Session
@@ -40,7 +40,8 @@ class Equivalence(Instrument[EquivalenceSection]):
         self._probe_text: tuple[str, str] | bool | None = False  # False: not looked up yet
 
     def inputs(self) -> list[str]:
-        return [*self.config.prompts, *([self.config.probe_text] if self.config.probe_text else [])]
+        probe = self.config.probe_text
+        return [*self.config.prompts, *([probe] if probe and not is_dataset_spec(probe) else [])]
 
     def check(self, pipeline: Pipeline, where: str) -> None:
         """Every prompt file reads, ids are unique across the files, and the probe text reads."""
@@ -56,14 +57,19 @@ class Equivalence(Instrument[EquivalenceSection]):
                 owner[name] = path
         probe = probe_text_path(self.config, pipeline)
         if probe is not None:
-            golden.read_text_file(probe)
+            golden.read_text_file(probe, f"{where}: instruments.equivalence.probe_text")
+        if self.config.chat_template:
+            chat.require_template(pipeline.model, f"{where}: instruments.equivalence.chat_template")
+
+    def provenance(self, ctx: RunContext) -> dict[str, Any]:
+        return {"equivalence_chat_template": chat.provenance(ctx.pipeline.model)} if self.config.chat_template else {}
 
     def probe_text(self, ctx: RunContext) -> tuple[str, str] | None:
         """(path, sha256) of the text the prefix-cache and speculation probes are cut from; None without
         one: a prefix-cache check then says whether the prompt files exercised the cache at all."""
         if self._probe_text is False:
             path = probe_text_path(self.config, ctx.pipeline)
-            self._probe_text = None if path is None else (path, file_sha256(Path(path)))
+            self._probe_text = None if path is None else (path, text_sha256(path))
         return self._probe_text  # type: ignore[return-value]
 
     def data(self, ctx: RunContext) -> list[dict[str, str]]:

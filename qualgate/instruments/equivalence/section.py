@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qualgate import golden
 from qualgate.instruments.equivalence.check import load_prompts
 from qualgate.instruments.equivalence.probes import Prompt
 from qualgate.instruments.equivalence.tolerance import TOLERANCE_FACTOR, TOLERANCE_FLOOR, EquivalenceConfig
 from qualgate.store import file_sha256
+from qualgate.text_source import as_source
 
 if TYPE_CHECKING:
     from qualgate.config import Pipeline
@@ -23,6 +24,7 @@ class EquivalenceSection(BaseModel):
 
     prompts: list[str] = Field(min_length=1)
     max_new_tokens: int = Field(EquivalenceConfig.model_fields["max_new_tokens"].default, ge=1)
+    chat_template: bool = Field(False, description="prompt files' text through the model's chat template")
     eps: float = Field(EquivalenceConfig.model_fields["eps"].default, ge=0)
     # None: calibrated per check from the reference stack's own noise in the candidate's shapes.
     logprob_tolerance: float | None = Field(None, ge=0)
@@ -31,6 +33,7 @@ class EquivalenceSection(BaseModel):
     # Prompt pairs built from domain text for prefix caching and acceptance groups for speculation.
     probes: bool = True
     probe_text: str | None = Field(None, description="text for the probes; default: the fidelity domain text")
+    _probe_text = field_validator("probe_text", mode="before")(as_source)
     # Greedy continuations of lossy stacks scored as they serve (per-step KL, shape dependence).
     decode_path: bool = True
 
@@ -38,6 +41,7 @@ class EquivalenceSection(BaseModel):
         return EquivalenceConfig.model_validate(
             {
                 "max_new_tokens": self.max_new_tokens,
+                "chat_template": self.chat_template,
                 "eps": self.eps,
                 "logprob_tolerance": self.logprob_tolerance,
                 "tolerance_factor": self.tolerance_factor,

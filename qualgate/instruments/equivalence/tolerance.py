@@ -35,6 +35,7 @@ class EquivalenceConfig(BaseModel):
     # The one default for every caller (pipelines, `qualgate equivalence`): 24 tokens reach past the
     # first near-tie of most prompts, at half the cost of 48.
     max_new_tokens: int = Field(24, ge=1)
+    chat_template: bool = Field(False, description="text prompts go through the model's chat template")
     eps: float = Field(0.125, ge=0, description="top-2 margin (nats) under which a divergence is a near-tie")
     logprob_tolerance: float | None = Field(
         None, ge=0, description="max |dlogprob| on the shared prefix; None: calibrated from the noise floor"

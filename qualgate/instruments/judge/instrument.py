@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from qualgate import chat
 from qualgate.fmt import fmt, interval
 from qualgate.gate import Finding
 from qualgate.instruments.base import Gate, Instrument, Tiers, estimate_metrics, sections
@@ -41,6 +42,11 @@ class Judge(Instrument[JudgeConfig]):
 
     def check(self, pipeline: Pipeline, where: str) -> None:
         read_prompt_rows(Path(self.config.prompts), "judge prompts")
+        if self.config.chat_template:
+            chat.require_template(pipeline.model, f"{where}: instruments.judge.chat_template")
+
+    def provenance(self, ctx: RunContext) -> dict[str, Any]:
+        return {"judge_chat_template": chat.provenance(ctx.pipeline.model)} if self.config.chat_template else {}
 
     def data(self, ctx: RunContext) -> list[dict[str, str]]:
         path = self.config.prompts
@@ -53,6 +59,7 @@ class Judge(Instrument[JudgeConfig]):
                 "stack": stack.identity(),
                 "prompts": file_sha256(Path(self.config.prompts)),
                 "max_answer_tokens": self.config.max_answer_tokens,
+                "chat_template": self.config.chat_template,
             }
         )
         if record is None:
@@ -60,7 +67,9 @@ class Judge(Instrument[JudgeConfig]):
             with ctx.open(stack) as session:
                 record = {
                     "stack": stack.name,
-                    "answers": judge_answers(session, prompts, self.config.max_answer_tokens),
+                    "answers": judge_answers(
+                        session, prompts, self.config.max_answer_tokens, self.config.chat_template
+                    ),
                 }
             ctx.put(key, record)
         return list(record["answers"])

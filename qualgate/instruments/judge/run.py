@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from qualgate.backends.base import Session
+from qualgate.chat import prompt_source
 from qualgate.instruments.judge import protocols
 from qualgate.instruments.judge.client import JudgeClient
 from qualgate.instruments.judge.config import JudgeConfig
@@ -31,9 +32,10 @@ def load_prompts(path: Path) -> list[JudgePrompt]:
     ]
 
 
-def answers(session: Session, prompts: list[JudgePrompt], max_tokens: int) -> list[str]:
+def answers(session: Session, prompts: list[JudgePrompt], max_tokens: int, chat: bool = False) -> list[str]:
     """Greedy answers of one stack (the judge compares text; generation goes through every layer)."""
-    return [g.text for g in session.generate([p.prompt for p in prompts], max_new_tokens=max_tokens, top_k=1)]
+    sources = [prompt_source(session, p.prompt, chat) for p in prompts]
+    return [g.text for g in session.generate(sources, max_new_tokens=max_tokens, top_k=1)]
 
 
 def nonce(*parts: str) -> str:
