@@ -21,6 +21,9 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 BUNDLED_PREFIX = "bundled:"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+# The architecture (sizes, RoPE scaling, vocabulary): two checkpoints may share a tokenizer, and a
+# golden or a record of one must never be taken for the other's.
+_CONFIG_FILES = ("config.json", "chat_template.jinja")
 
 
 class ModelSpec(BaseModel):
@@ -73,7 +76,7 @@ class ModelSpec(BaseModel):
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
 
     def fingerprint(self) -> dict[str, str]:
-        """sha256 of every weight and tokenizer file: the model's identity in every cache key."""
+        """sha256 of every weight, tokenizer and config file: the model's identity in every cache key."""
         local = self.local_path()
         if local is None:
             return {"hub_id": self.path}
@@ -82,7 +85,9 @@ class ModelSpec(BaseModel):
 
 def _directory_fingerprint(directory: Path) -> tuple[tuple[str, str], ...]:
     files = sorted(
-        p for p in directory.iterdir() if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name in _TOKENIZER_FILES)
+        p
+        for p in directory.iterdir()
+        if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name in (*_TOKENIZER_FILES, *_CONFIG_FILES))
     )
     return tuple((p.name, _file_sha256(p)) for p in files)
 

@@ -90,6 +90,26 @@ def domain_text() -> str:
 
 
 @pytest.fixture(scope="session")
+def hub_datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local datasets cache holding wikitext, Rowan/hellaswag, allenai/ai2_arc and openai/gsm8k
+    (tests/hub_cache.py); use it through `offline_datasets`."""
+    import hub_cache
+
+    return hub_cache.build(tmp_path_factory.mktemp("hub") / "cache")
+
+
+@pytest.fixture
+def offline_datasets(hub_datasets_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This process reads `hub_datasets_cache` and may not reach the Hub, as with HF_DATASETS_OFFLINE=1."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hub_datasets_cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    return hub_datasets_cache
+
+
+@pytest.fixture(scope="session")
 def small_golden(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A golden of the bundled target on the first 6 chunks of the domain text (3k tokens, ~3 s to record):
     for the engine runs, where every scored chunk is an HTTP request or an engine pass and the checks are

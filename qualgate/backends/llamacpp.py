@@ -38,6 +38,9 @@ class LlamaCppOptions(BaseModel):
     n_ctx: int | None = Field(None, ge=16, description="context size; default: the model's")
     n_batch: int = Field(512, ge=1, description="tokens per llama_decode call")
     n_threads: int | None = Field(None, ge=1, description="default: llama.cpp's choice")
+    n_gpu_layers: int = Field(
+        0, ge=-1, description="layers offloaded to the GPU (-1: all) in a CUDA/Metal build of llama-cpp-python"
+    )
     cache_dir: str = Field("runs/gguf", description="converted and quantized GGUF files, reused across runs")
 
 
@@ -158,6 +161,7 @@ class LlamaCppSession(TokenizedSession):
             n_batch=options.n_batch,
             n_ubatch=options.n_batch,
             n_threads=options.n_threads,
+            n_gpu_layers=options.n_gpu_layers,
             seed=0,
             verbose=False,
             **kwargs,

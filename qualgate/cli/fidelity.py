@@ -17,6 +17,7 @@ from qualgate.instruments.fidelity import TAIL_SAMPLES, FidelityConfig, Fidelity
 from qualgate.models import ModelSpec
 from qualgate.progress import progress
 from qualgate.stack import build_stack
+from qualgate.validation import validate
 
 DEFAULT_TEXT = "evals/domain/cpython_docs_heldout.txt"
 
@@ -51,7 +52,13 @@ def cmd_record(args: argparse.Namespace) -> int:
         }
     )
     text = golden.read_text_file(args.text)
-    stack = build_stack(ModelSpec(path=args.model, dtype=args.dtype))
+    spec = validate(
+        ModelSpec,
+        {"path": args.model, "dtype": args.dtype, "device": args.device, "device_map": args.device_map},
+        "golden record",
+    )
+    stack = build_stack(spec)
+    stack.model.torch_device()  # a device this machine does not have: exit 2 before the model loads
     with open_session(stack) as session, progress("golden record") as on_chunk:
         manifest = golden_record.record(session, text, config, Path(args.out), text_source=args.text, on_chunk=on_chunk)
     print(
@@ -179,6 +186,10 @@ def add_commands(commands: Any) -> None:
     rec.add_argument("--out", required=True, help="golden directory to write (e.g. golden/my-model)")
     rec.add_argument("--model", default="bundled:target")
     rec.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    rec.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    rec.add_argument(
+        "--device-map", default=None, choices=["auto"], help="auto: spread a model too large for one GPU over all"
+    )
     rec.add_argument(
         "--text",
         default=DEFAULT_TEXT,

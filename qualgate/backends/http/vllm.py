@@ -46,6 +46,12 @@ class VLLMOptions(HTTPOptions):
     )
     cpu_kv_cache_gb: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on a CPU build")
     enforce_eager: bool = Field(True, description="no CUDA graphs / compilation: starts in seconds")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="--tensor-parallel-size: GPUs one server spreads the model over"
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="--gpu-memory-utilization (default: vLLM's, 0.9)"
+    )
     extra_args: list[str] = Field(default_factory=list, description="more `vllm serve` flags, appended as given")
     startup_timeout: float = Field(600.0, gt=0)
     log_dir: str = Field("runs/engine-logs", description="server logs, one file per server command")
@@ -118,6 +124,10 @@ def vllm_args(stack: Stack, options: VLLMOptions) -> list[str]:
             flags["--block-size"] = str(options.block_size)
     if options.max_model_len:
         flags["--max-model-len"] = str(options.max_model_len)
+    if options.tensor_parallel_size > 1:
+        flags["--tensor-parallel-size"] = str(options.tensor_parallel_size)
+    if options.gpu_memory_utilization is not None:
+        flags["--gpu-memory-utilization"] = str(options.gpu_memory_utilization)
     args = [part for flag, value in flags.items() for part in ((flag,) if value is None else (flag, value))]
     return [
         *args, "--served-model-name", SERVED_NAME, "--dtype", DTYPES[stack.model.dtype],
