@@ -111,8 +111,9 @@ def test_bad_claims_are_one_line_errors(
 
 
 def test_the_example_pipelines_validate(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The examples on the bundled models (those for real checkpoints: tests/test_examples.py)."""
     monkeypatch.chdir(REPO)
-    for path in sorted((REPO / "pipelines" / "examples").glob("*.yaml")):
-        assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    for name in ("kv-methods", "turboquant-vs-awq"):
+        assert main(["validate", str(REPO / "pipelines" / "examples" / f"{name}.yaml")]) == 0, capsys.readouterr().err
     example = yaml.safe_load((REPO / "pipelines" / "examples" / "turboquant-vs-awq.yaml").read_text())
     assert {c["stack"] for c in example["claims"]} >= {"kv-turboquant3", "w4g128"}

@@ -29,7 +29,9 @@ LAYERS = {
 }
 
 
-def pipeline(tmp: Path, stacks: list[list[str]], golden: Path, name: str = "ray") -> Path:
+def pipeline(
+    tmp: Path, stacks: list[list[str]], golden: Path, name: str = "ray", executor: dict[str, object] | None = None
+) -> Path:
     """Fidelity on the 6-chunk golden: the checks are about where and how the work ran, not its intervals."""
     data = {
         "version": 1,
@@ -41,6 +43,7 @@ def pipeline(tmp: Path, stacks: list[list[str]], golden: Path, name: str = "ray"
         "layers": LAYERS,
         "stacks": [{"layers": s} for s in stacks],
         "instruments": {"fidelity": {"golden": str(golden)}},
+        **({"executor": executor} if executor else {}),
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -160,6 +163,24 @@ def test_a_worker_killed_mid_stack_is_retried_and_the_report_is_unchanged(
     assert (out / "report.json").read_bytes() == local_report
     lines = ray_lines(output)
     assert len(lines) == 3 and killed not in {int(m[5]) for m in lines}, "the killed worker's stack ran again"
+
+
+@pytest.mark.slow
+def test_a_worker_lost_with_no_restarts_left_is_replaced_by_the_driver(
+    tmp_path: Path, cluster: RayCluster, local_report: bytes, small_golden: Path
+) -> None:
+    """Ray may not restart the actor (max_restarts: 0): the driver measures the stack on a new worker,
+    which reuses the lost one's checkpoints, and the report is still the local run's."""
+    executor = {"name": "ray", "max_restarts": 0, "max_task_retries": 1}
+    out = tmp_path / "run"
+    proc = start(pipeline(tmp_path, STACKS, small_golden, executor=executor), out, cluster, "--no-tracking")
+    records, partial = out / "records", out / "partial"
+    wait_for(lambda: len(list(records.glob("*.json"))) >= 1 and any(partial.glob("*/*.npz")) and measuring_workers())
+    os.kill(measuring_workers()[0], signal.SIGKILL)
+    code, output = finish(proc)
+    assert code in (0, 1) and "Traceback" not in output, output[-3000:]
+    assert re.search(r"its worker was lost \(\w+\); retrying on a new worker \(attempt 2/2\)", output), output[-3000:]
+    assert (out / "report.json").read_bytes() == local_report
 
 
 @pytest.mark.slow

@@ -192,32 +192,43 @@ class _Crash(Exception):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("batching", [False, True])
 def test_an_interrupted_scoring_resumes_without_redoing_chunks(
-    base_session: Any, domain_text: str, tmp_path: Path
+    base_session: Any, domain_text: str, tmp_path: Path, batching: bool
 ) -> None:
+    """One chunk at a time, finished chunks are never scored again; in batches, a group is reused only
+    whole, so the resumed scores are the bits an uninterrupted run computes (batch shapes move them)."""
     chunks = chunk_text(base_session, domain_text, CONFIG)
     clean = score_text(base_session, chunks, CONFIG)
     checkpoint = RunStore(tmp_path).chunks("unit")
+    group = 2 if batching else 1
+    base_session.scoring_group = lambda width: group
 
     def crash_after_three(done: int, total: int) -> None:
         if done == 3:
             raise _Crash
 
-    with pytest.raises(_Crash):
-        score_text(base_session, chunks, CONFIG, on_chunk=crash_after_three, checkpoint=checkpoint)
     calls: list[int] = []
-    real_score = base_session.score
+    real_score, real_batch = base_session.score, base_session.score_batch
 
     def counting_score(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return real_score(*args, **kwargs)
 
-    base_session.score = counting_score
+    def counting_batch(requests: Any) -> Any:
+        calls.extend(1 for _ in requests)
+        return real_batch(requests)
+
     try:
+        with pytest.raises(_Crash):
+            score_text(base_session, chunks, CONFIG, on_chunk=crash_after_three, checkpoint=checkpoint)
+        base_session.score, base_session.score_batch = counting_score, counting_batch
         resumed = score_text(base_session, chunks, CONFIG, checkpoint=checkpoint)
     finally:
-        del base_session.score
-    assert len(calls) == len(chunks) - 3, "finished chunks are not scored again"
+        for name in ("score", "score_batch", "scoring_group"):
+            base_session.__dict__.pop(name, None)
+    # Batches of two: chunks 0-1 are reused, 2 (saved alone before the crash) is scored again with 3.
+    assert len(calls) == len(chunks) - (2 if batching else 3), "finished chunks are not scored again"
     for field in ("chunk", "target", "logprob", "top_ids", "top_logprobs", "tail_mass"):
         np.testing.assert_array_equal(getattr(resumed, field), getattr(clean, field))
 

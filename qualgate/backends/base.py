@@ -134,6 +134,11 @@ class Session(ABC):
         """Top-1 scores of many sequences (benchmark requests). Engines may batch; the default is one by one."""
         return [self.score(ids, top_k=1, block_size=block_size) for ids in sequences]
 
+    def scoring_group(self, width: int) -> int:
+        """How many `width`-token sequences score_batch puts in one forward pass (1: one by one). Callers
+        hand it that many at a time and checkpoint between, so a crash loses one batch at most."""
+        return 1
+
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         """Each request scored in one forward pass (fidelity windows), in request order; the results
         equal `score`'s within float noise. Engines may batch; the default is one by one."""

@@ -214,6 +214,9 @@ class HFSession(TokenizedSession):
             return super().score_many(sequences, block_size)
         return self.score_batch([ScoreRequest(ids, top_k=1) for ids in sequences])
 
+    def scoring_group(self, width: int) -> int:
+        return 1 if self.kv_layer is not None else self.batches.group(width)
+
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         """Right-padded batches of similar length, one forward pass each (a quantized KV cache is read
         block by block, so those stacks go one by one). Padding never reaches a real position: attention

@@ -81,6 +81,10 @@ class BatchSizer:
             start = end
         return groups
 
+    def group(self, width: int) -> int:
+        """Sequences of `width` tokens in one batch now (after any out-of-memory backoff)."""
+        return self._fits(width)
+
     def _fits(self, width: int) -> int:
         limit = self._limit(width)
         return min(limit, self.cap) if self.cap is not None else limit

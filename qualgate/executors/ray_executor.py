@@ -139,6 +139,7 @@ class RayExecutor:
             return
         actors = {i: worker.remote(*args) for i in wave}
         pending = {actors[i].measure.remote(i): i for i in wave}
+        attempts = dict.fromkeys(wave, 1)
         started = time.perf_counter()
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
@@ -147,6 +148,19 @@ class RayExecutor:
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
+                ray.kill(actors[i], no_restart=True)
+                if attempts[i] <= self.config.max_task_retries:
+                    # A worker that died or stopped answering (a node under load misses its health checks):
+                    # measuring is idempotent (finished units are records, finished chunks checkpoints),
+                    # so a new worker picks the stack up where the last one left it.
+                    attempts[i] += 1
+                    runner.on_line(
+                        f"[ray] stack {name}: its worker was lost ({type(exc).__name__}); "
+                        f"retrying on a new worker (attempt {attempts[i]}/{self.config.max_task_retries + 1})"
+                    )
+                    actors[i] = worker.remote(*args)
+                    pending[actors[i].measure.remote(i)] = i
+                    continue
                 result = {"node": "?", "error": f"its worker died ({type(exc).__name__})", "exit_code": 3}
             ray.kill(actors[i])
             results[i] = result

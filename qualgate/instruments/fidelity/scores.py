@@ -123,11 +123,6 @@ def chunk_text(session: Session, text: str, config: FidelityConfig) -> list[Chun
     return chunks[: config.max_chunks] if config.max_chunks else chunks
 
 
-# Chunks handed to the session per call when scoring in one pass: the session batches within a group
-# (its batch_size), and each group's chunks are checkpointed as soon as the group is scored.
-SCORE_GROUP = 32
-
-
 def score_text(
     session: Session,
     chunks: list[Chunk],
@@ -141,7 +136,7 @@ def score_text(
     Chunks scored in one forward pass go to the session in groups it may batch; chunks fed through
     the KV cache (blocks, or the serving schedule) one at a time. With a checkpoint, each chunk's
     arrays are saved as soon as they exist and reused on a rerun, so an interrupted run loses at most
-    the group in flight."""
+    the batch in flight."""
     from qualgate.backends.base import ScoreRequest
 
     block_size = config.block_size_for(session)
@@ -172,21 +167,24 @@ def score_text(
         gather[chunk.first_scored :] = rows
         return gather
 
-    pending: list[int] = []
-    for index in range(len(chunks)):
-        saved = checkpoint.load(index) if checkpoint is not None else None
-        if saved is not None:
-            done(index, saved, fresh=False)
-        else:
-            pending.append(index)
     if reference is not None and offsets[-1] != reference.n:
         raise ConfigError(
             f"the candidate scored {offsets[-1]} tokens but the reference has {reference.n}; "
             "they must use the same text and chunking"
         )
-    group = SCORE_GROUP if one_pass else 1
-    for start in range(0, len(pending), group):
-        indices = pending[start : start + group]
+    # Groups are fixed ranges of chunk indices, and a group is reused only whole: a resumed run puts
+    # every chunk in the batch a fresh run would (batch shapes change GEMM kernels, and so the last
+    # bits), so an interrupted run ends with the numbers of an uninterrupted one.
+    width = max((len(c.token_ids) - 1 for c in chunks), default=1)
+    group = session.scoring_group(width) if one_pass else 1
+    for start in range(0, len(chunks), group):
+        indices = list(range(start, min(start + group, len(chunks))))
+        saved = [checkpoint.load(i) if checkpoint is not None else None for i in indices]
+        if all(part is not None for part in saved):
+            for index, part in zip(indices, saved, strict=True):
+                assert part is not None
+                done(index, part, fresh=False)
+            continue
         if one_pass:
             requests = [ScoreRequest(chunks[i].token_ids, top_k, gather_for(i), tail_samples) for i in indices]
             results = session.score_batch(requests)
