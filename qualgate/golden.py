@@ -155,16 +155,19 @@ def load(
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     flat = arrays["chunk_tokens"].astype(np.int64)
     chunks = [Chunk(flat[bounds[i] : bounds[i + 1]].tolist(), int(first[i])) for i in range(len(lengths))]
+    # The [tokens, k] arrays stay in their stored types (uint16 or int32 ids, float32 logprobs: what the
+    # engine computed) and are widened block by block where used: held widened, a 100k-token golden
+    # took 4x the memory. Per-token scalars are widened here.
     scores = TokenScores(
         chunk=arrays["chunk"].astype(np.int32),
         target=arrays["target"].astype(np.int64),
         logprob=arrays["logprob"].astype(np.float64),
-        top_ids=arrays["top_ids"].astype(np.int64),
-        top_logprobs=arrays["top_logprobs"].astype(np.float64),
+        top_ids=arrays["top_ids"],
+        top_logprobs=arrays["top_logprobs"],
         tail_mass=arrays["tail_mass"].astype(np.float64),
         block_size=manifest.block_size,
-        tail_ids=arrays["tail_ids"].astype(np.int64) if "tail_ids" in arrays else None,
-        tail_logprobs=arrays["tail_logprobs"].astype(np.float64) if "tail_logprobs" in arrays else None,
+        tail_ids=arrays.get("tail_ids"),
+        tail_logprobs=arrays.get("tail_logprobs"),
     )
     return chunks, scores
 

@@ -89,15 +89,31 @@ def kl_per_position(
     return estimate, bound, variance
 
 
+# Positions per block when computing per-position KL: the [block, k] float64 temporaries stay a few
+# MB whatever the text's length (a whole 100k-token text made them hundreds of MB).
+BLOCK = 4096
+
+
 def _kl_estimate(reference: TokenScores, candidate: TokenScores) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(per-position KL used for the mean, the lower bound per position, how it was computed)."""
     assert candidate.gathered is not None
-    kl, bound, variance = kl_per_position(
-        reference.top_logprobs.astype(np.float64),
-        reference.tail_mass.astype(np.float64),
-        reference.tail_logprobs,
-        candidate.gathered,
-    )
+    estimates, bounds, variances = [], [], []
+    for start in range(0, reference.n, BLOCK):
+        rows = slice(start, start + BLOCK)
+        tail = reference.tail_logprobs[rows] if reference.tail_logprobs is not None else None
+        block = kl_per_position(
+            reference.top_logprobs[rows].astype(np.float64),
+            reference.tail_mass[rows].astype(np.float64),
+            tail,
+            candidate.gathered[rows],
+        )
+        estimates.append(block[0])
+        bounds.append(block[1])
+        variances.append(block[2])
+    bound = np.concatenate(bounds) if bounds else np.zeros(0)
+    # One estimator for the whole text: a block with an unknown id (an engine's own top-k) makes it the bound.
+    variance = None if any(v is None for v in variances) else np.concatenate([v for v in variances if v is not None])
+    kl = bound if variance is None else np.concatenate(estimates)
     if variance is None:
         why = (
             "the golden has no tail sample"
@@ -108,6 +124,16 @@ def _kl_estimate(reference: TokenScores, candidate: TokenScores) -> tuple[np.nda
     sampling_se = float(np.sqrt(variance.sum()) / kl.size)
     s = reference.tail_logprobs.shape[1] if reference.tail_logprobs is not None else 0
     return kl, bound, {"kind": "sampled-tail", "tail_samples": s, "sampling_se": sampling_se}
+
+
+def _merged_mass(reference: TokenScores, q_top: np.ndarray) -> float:
+    """Mean reference probability at the top-k ids the candidate did not return, block by block."""
+    total = 0.0
+    for start in range(0, reference.n, BLOCK):
+        rows = slice(start, start + BLOCK)
+        p = np.exp(reference.top_logprobs[rows].astype(np.float64))
+        total += float(np.where(np.isnan(q_top[rows]), p, 0.0).sum())
+    return total / reference.n if reference.n else float("nan")
 
 
 def at_least_zero(est: Estimate) -> dict[str, float]:
@@ -126,7 +152,6 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
     nll_q = -candidate.logprob.astype(np.float64)
     chunks = reference.chunk
     k = reference.top_logprobs.shape[1]
-    q_top = candidate.gathered[:, :k].astype(np.float64)
     kl, kl_bound, estimator = _kl_estimate(reference, candidate)
     shown = np.clip(kl, 0.0, None)  # per-position figures (percentiles, buckets): a KL is >= 0
     same = reference.top_ids[:, 0] == candidate.top_ids[:, 0]
@@ -163,7 +188,7 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
         "reference_tail_mass": float(reference.tail_mass.mean()),
         # Reference top-k mass whose ids the candidate engine did not return (HTTP top-k), merged into
         # the tail bucket: 0 in process; a large value asks for a larger engine top-k (max_logprobs).
-        "merged_mass": float(np.where(np.isnan(q_top), np.exp(reference.top_logprobs), 0.0).sum(axis=1).mean()),
+        "merged_mass": _merged_mass(reference, candidate.gathered[:, :k]),
         "block_size": {"reference": reference.block_size, "candidate": candidate.block_size},
         "scoring": {"reference": reference.scoring, "candidate": candidate.scoring},
         "ppl_reference": float(np.exp(nll_p.mean())),
