@@ -158,11 +158,13 @@ def score_text(
         if on_chunk is not None:
             on_chunk(len(parts), len(chunks))
 
+    asked = reference.reference_ids if reference is not None else None  # built once, not once per chunk
+
     def gather_for(index: int) -> np.ndarray | None:
-        if reference is None:
+        if asked is None:
             return None
         chunk = chunks[index]
-        rows = reference.reference_ids[offsets[index] : offsets[index + 1]]
+        rows = asked[offsets[index] : offsets[index + 1]]
         gather = np.zeros((len(chunk.token_ids) - 1, rows.shape[1]), dtype=np.int64)
         gather[chunk.first_scored :] = rows
         return gather
@@ -209,19 +211,23 @@ def score_text(
 
 
 def chunk_part(index: int, chunk: Chunk, result: ScoreResult) -> dict[str, np.ndarray]:
-    """What a chunk's scores keep: its scored positions only (llama.cpp's first half is context)."""
+    """What a chunk's scores keep: its scored positions only (llama.cpp's first half is context).
+
+    The [positions, k] arrays are kept as int32 ids and float32 logprobs: engines compute logprobs in
+    float32 (or return them as such), so this loses nothing and holds a long text in a quarter of the
+    memory; they are widened to float64 block by block where KL is computed."""
     keep = slice(chunk.first_scored, None)
     part: dict[str, np.ndarray] = {
         "chunk": np.full(chunk.n_scored, index, dtype=np.int32),
         "target": np.asarray(chunk.targets, dtype=np.int64),
         "logprob": result.logprobs[keep],
-        "top_ids": result.top_ids[keep],
-        "top_logprobs": result.top_logprobs[keep],
+        "top_ids": result.top_ids[keep].astype(np.int32),
+        "top_logprobs": result.top_logprobs[keep].astype(np.float32),
         "tail_mass": result.tail_mass[keep],
     }
     if result.gathered is not None:
-        part["gathered"] = result.gathered[keep]
+        part["gathered"] = result.gathered[keep].astype(np.float32)
     if result.tail_ids is not None and result.tail_logprobs is not None:
-        part["tail_ids"] = result.tail_ids[keep]
-        part["tail_logprobs"] = result.tail_logprobs[keep]
+        part["tail_ids"] = result.tail_ids[keep].astype(np.int32)
+        part["tail_logprobs"] = result.tail_logprobs[keep].astype(np.float32)
     return part
