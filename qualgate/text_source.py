@@ -104,6 +104,12 @@ def _offline() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
+def _first_line(exc: Exception) -> str:
+    """What `datasets` says went wrong, on one line (its messages run to several)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def cache_dir() -> str:
     """The datasets cache this process reads, lm-eval's loads included (HF_DATASETS_CACHE when the
     process started, else ~/.cache/huggingface/datasets)."""
@@ -122,9 +128,8 @@ def read_dataset_text(spec: DatasetText, where: str) -> str:
         try:
             rows = datasets.load_dataset(spec.dataset, spec.config, split=spec.split, cache_dir=cache)
         except (OSError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(
-                f"{where}: {spec.describe()} is not in the local datasets cache {cache} ({reason}); "
+                f"{where}: {spec.describe()} is not in the local datasets cache {cache} ({_first_line(exc)}); "
                 + fetch_hint(spec.fetch_command())
             ) from None
     if spec.field not in rows.column_names:
@@ -160,5 +165,5 @@ def missing_from_cache(dataset: str, config: str | None) -> str | None:
         try:
             datasets.load_dataset_builder(dataset, config, cache_dir=cache_dir())
         except (OSError, ValueError) as exc:
-            return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return _first_line(exc)
     return None

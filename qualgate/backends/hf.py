@@ -168,6 +168,15 @@ class HFSession(TokenizedSession):
             out = self.model(input_ids=inputs, past_key_values=cache, use_cache=cache is not None)
         return torch.log_softmax(out.logits[0].float(), dim=-1)
 
+    def _check_request(self, ids: Sequence[int], gather: np.ndarray | None) -> None:
+        """A sequence score() or score_batch() can take: two tokens at least, within the context, and
+        a gather row per scored position."""
+        if len(ids) < 2:
+            raise ConfigError("score needs at least two tokens (one context token and one to predict)")
+        self._check_length(len(ids) - 1, "the scored sequence")
+        if gather is not None and gather.shape[0] != len(ids) - 1:
+            raise ConfigError(f"gather has {gather.shape[0]} rows for {len(ids) - 1} scored positions")
+
     def _check_length(self, n: int, what: str) -> None:
         if self.max_positions and n > self.max_positions:
             raise ConfigError(
@@ -187,11 +196,7 @@ class HFSession(TokenizedSession):
         import torch
 
         ids = [int(t) for t in token_ids]
-        if len(ids) < 2:
-            raise ConfigError("score needs at least two tokens (one context token and one to predict)")
-        self._check_length(len(ids) - 1, "the scored sequence")
-        if gather is not None and gather.shape[0] != len(ids) - 1:
-            raise ConfigError(f"gather has {gather.shape[0]} rows for {len(ids) - 1} scored positions")
+        self._check_request(ids, gather)
         inputs = ids[:-1]  # the last token is only a target: nothing predicts past the text
         spans = block_spans(len(inputs), block_size, schedule)
         if spans is None and self.kv_layer is not None:
@@ -224,11 +229,7 @@ class HFSession(TokenizedSession):
         if self.kv_layer is not None:
             return super().score_batch(requests)
         for r in requests:
-            if len(r.token_ids) < 2:
-                raise ConfigError("score needs at least two tokens (one context token and one to predict)")
-            self._check_length(len(r.token_ids) - 1, "the scored sequence")
-            if r.gather is not None and r.gather.shape[0] != len(r.token_ids) - 1:
-                raise ConfigError(f"gather has {r.gather.shape[0]} rows for {len(r.token_ids) - 1} scored positions")
+            self._check_request(r.token_ids, r.gather)
         results: list[ScoreResult | None] = [None] * len(requests)
         for group in self.batches.batches([len(r.token_ids) - 1 for r in requests]):
             width = len(requests[group[-1]].token_ids) - 1

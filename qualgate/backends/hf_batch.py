@@ -75,7 +75,7 @@ class BatchSizer:
         start = 0
         while start < len(order):
             end = start + 1
-            while end < len(order) and end - start + 1 <= self._fits(lengths[order[end]]):
+            while end < len(order) and end - start + 1 <= self.group(lengths[order[end]]):
                 end += 1
             groups.append(order[start:end])
             start = end
@@ -83,9 +83,6 @@ class BatchSizer:
 
     def group(self, width: int) -> int:
         """Sequences of `width` tokens in one batch now (after any out-of-memory backoff)."""
-        return self._fits(width)
-
-    def _fits(self, width: int) -> int:
         limit = self._limit(width)
         return min(limit, self.cap) if self.cap is not None else limit
 

@@ -94,22 +94,25 @@ def kl_per_position(
 BLOCK = 4096
 
 
-def _kl_estimate(reference: TokenScores, candidate: TokenScores) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(per-position KL used for the mean, the lower bound per position, how it was computed)."""
+def _kl_estimate(
+    reference: TokenScores, candidate: TokenScores
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any], float]:
+    """(per-position KL used for the mean, the lower bound per position, how it was computed, the mean
+    reference probability at top-k ids the candidate did not return), one block of positions at a time."""
     assert candidate.gathered is not None
+    k = reference.top_logprobs.shape[1]
     estimates, bounds, variances = [], [], []
+    merged = 0.0
     for start in range(0, reference.n, BLOCK):
         rows = slice(start, start + BLOCK)
+        p_top = reference.top_logprobs[rows].astype(np.float64)
         tail = reference.tail_logprobs[rows] if reference.tail_logprobs is not None else None
-        block = kl_per_position(
-            reference.top_logprobs[rows].astype(np.float64),
-            reference.tail_mass[rows].astype(np.float64),
-            tail,
-            candidate.gathered[rows],
-        )
+        block = kl_per_position(p_top, reference.tail_mass[rows].astype(np.float64), tail, candidate.gathered[rows])
         estimates.append(block[0])
         bounds.append(block[1])
         variances.append(block[2])
+        merged += float(np.where(np.isnan(candidate.gathered[rows, :k]), np.exp(p_top), 0.0).sum())
+    merged_mass = merged / reference.n if reference.n else float("nan")
     bound = np.concatenate(bounds) if bounds else np.zeros(0)
     # One estimator for the whole text: a block with an unknown id (an engine's own top-k) makes it the bound.
     variance = None if any(v is None for v in variances) else np.concatenate([v for v in variances if v is not None])
@@ -120,20 +123,10 @@ def _kl_estimate(reference: TokenScores, candidate: TokenScores) -> tuple[np.nda
             if reference.tail_ids is None
             else "the candidate engine returned only its own top-k"
         )
-        return kl, bound, {"kind": "bound", "tail_samples": 0, "why": why, "sampling_se": 0.0}
+        return kl, bound, {"kind": "bound", "tail_samples": 0, "why": why, "sampling_se": 0.0}, merged_mass
     sampling_se = float(np.sqrt(variance.sum()) / kl.size)
     s = reference.tail_logprobs.shape[1] if reference.tail_logprobs is not None else 0
-    return kl, bound, {"kind": "sampled-tail", "tail_samples": s, "sampling_se": sampling_se}
-
-
-def _merged_mass(reference: TokenScores, q_top: np.ndarray) -> float:
-    """Mean reference probability at the top-k ids the candidate did not return, block by block."""
-    total = 0.0
-    for start in range(0, reference.n, BLOCK):
-        rows = slice(start, start + BLOCK)
-        p = np.exp(reference.top_logprobs[rows].astype(np.float64))
-        total += float(np.where(np.isnan(q_top[rows]), p, 0.0).sum())
-    return total / reference.n if reference.n else float("nan")
+    return kl, bound, {"kind": "sampled-tail", "tail_samples": s, "sampling_se": sampling_se}, merged_mass
 
 
 def at_least_zero(est: Estimate) -> dict[str, float]:
@@ -152,7 +145,7 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
     nll_q = -candidate.logprob.astype(np.float64)
     chunks = reference.chunk
     k = reference.top_logprobs.shape[1]
-    kl, kl_bound, estimator = _kl_estimate(reference, candidate)
+    kl, kl_bound, estimator, merged_mass = _kl_estimate(reference, candidate)
     shown = np.clip(kl, 0.0, None)  # per-position figures (percentiles, buckets): a KL is >= 0
     same = reference.top_ids[:, 0] == candidate.top_ids[:, 0]
     dp = np.exp(-nll_q) - np.exp(-nll_p)
@@ -188,7 +181,7 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
         "reference_tail_mass": float(reference.tail_mass.mean()),
         # Reference top-k mass whose ids the candidate engine did not return (HTTP top-k), merged into
         # the tail bucket: 0 in process; a large value asks for a larger engine top-k (max_logprobs).
-        "merged_mass": _merged_mass(reference, candidate.gathered[:, :k]),
+        "merged_mass": merged_mass,
         "block_size": {"reference": reference.block_size, "candidate": candidate.block_size},
         "scoring": {"reference": reference.scoring, "candidate": candidate.scoring},
         "ppl_reference": float(np.exp(nll_p.mean())),
