@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 torch.set_num_threads(int(sys.argv[5]))
 from qualgate import build_stack, golden_record, open_session
-from qualgate.golden import load, read_manifest
-from qualgate.instruments.fidelity import FidelityConfig, score_text
-from qualgate.instruments.fidelity.compare import compare
+from qualgate.golden import open_reference, read_manifest
+from qualgate.instruments.fidelity import FidelityConfig, compare_scored, iter_scores
 from qualgate.models import ModelSpec
 mode, model, text_path, golden = sys.argv[1:5]
 text = Path(text_path).read_text()
@@ -42,11 +41,10 @@ if mode == "record":
     out = {"n_tokens": manifest.n_tokens, "n_chunks": manifest.n_chunks, "bytes_per_token": manifest.bytes_per_token}
 else:
     config = read_manifest(Path(golden)).fidelity_config()
-    chunks, reference = load(Path(golden), ModelSpec(path=model), text, config)
+    chunks, reference = open_reference(Path(golden), ModelSpec(path=model), text, config)
     stack = build_stack({"path": model}, [{"kind": "weight_quant", "method": "rtn", "bits": 8}])
-    with open_session(stack) as session:
-        scores = score_text(session, chunks, config, reference=reference)
-    result = compare(reference, scores)
+    with open_session(stack) as session, reference.rows() as rows:
+        result = compare_scored(iter_scores(session, chunks, config, rows))
     out = {"kl_mean": result.summary["kl_mean"]["value"], "same_top1": result.summary["same_top1"]["value"]}
 out["seconds"] = time.perf_counter() - start
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

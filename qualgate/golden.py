@@ -19,9 +19,10 @@ from pydantic import BaseModel, ConfigDict
 from qualgate.chunking import Chunk
 from qualgate.errors import ConfigError
 from qualgate.fsio import read_text
+from qualgate.golden_scores import RECORD_HINT, GoldenReference, check_scores
 from qualgate.instruments.fidelity import FidelityConfig, TokenScores, compare, score_text
 from qualgate.models import ModelSpec
-from qualgate.redact import cap, show
+from qualgate.redact import show
 from qualgate.text_source import is_dataset_spec, parse_spec, read_dataset_text
 from qualgate.validation import validate
 
@@ -142,7 +143,18 @@ def identity_mismatches(
 def load(
     golden_dir: Path, model: ModelSpec, text: str, config: FidelityConfig, text_source: str | None = None
 ) -> tuple[list[Chunk], TokenScores]:
-    """The golden chunks and reference scores, after checking they belong to this comparison."""
+    """The golden chunks and reference scores, whole in memory, after checking they belong to this
+    comparison (open_reference streams them instead)."""
+    chunks, reference = open_reference(golden_dir, model, text, config, text_source)
+    with reference.rows() as rows:
+        return chunks, rows.take(reference.n)
+
+
+def open_reference(
+    golden_dir: Path, model: ModelSpec, text: str, config: FidelityConfig, text_source: str | None = None
+) -> tuple[list[Chunk], GoldenReference]:
+    """The golden chunks and its reference side (per-token scalars in memory, the [tokens, k] arrays
+    read from disk as a comparison walks the text), after checking they belong to this comparison."""
     manifest = read_manifest(golden_dir)
     problems = identity_mismatches(manifest, model, text, config, text_source)
     if problems:
@@ -150,69 +162,21 @@ def load(
             f"{golden_dir}: golden baseline does not match: {'; '.join(problems)}; "
             "re-record it with: qualgate golden record"
         )
-    arrays = _read_scores(golden_dir / SCORES, manifest)
+    path = golden_dir / SCORES
+    arrays = check_scores(path, manifest)
     lengths, first = arrays["chunk_lengths"], arrays["chunk_first_scored"]
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     flat = arrays["chunk_tokens"].astype(np.int64)
     chunks = [Chunk(flat[bounds[i] : bounds[i + 1]].tolist(), int(first[i])) for i in range(len(lengths))]
-    # The [tokens, k] arrays stay in their stored types (uint16 or int32 ids, float32 logprobs: what the
-    # engine computed) and are widened block by block where used: held widened, a 100k-token golden
-    # took 4x the memory. Per-token scalars are widened here.
-    scores = TokenScores(
+    reference = GoldenReference(
+        path=path,
         chunk=arrays["chunk"].astype(np.int32),
         target=arrays["target"].astype(np.int64),
         logprob=arrays["logprob"].astype(np.float64),
-        top_ids=arrays["top_ids"],
-        top_logprobs=arrays["top_logprobs"],
         tail_mass=arrays["tail_mass"].astype(np.float64),
         block_size=manifest.block_size,
-        tail_ids=arrays.get("tail_ids"),
-        tail_logprobs=arrays.get("tail_logprobs"),
     )
-    return chunks, scores
-
-
-PER_TOKEN = ("chunk", "target", "logprob", "top_ids", "top_logprobs", "tail_mass")
-PER_CHUNK = ("chunk_lengths", "chunk_first_scored")
-RECORD_HINT = "qualgate golden record"
-
-
-def _read_scores(path: Path, manifest: GoldenManifest) -> dict[str, np.ndarray]:
-    """Every array of scores.npz, decompressed and checked against the manifest (exit 2 naming the file
-    when it is missing, cut short, corrupt, or holds arrays of the wrong shape)."""
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist; re-record the golden: {RECORD_HINT}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except Exception as exc:
-        raise ConfigError(
-            f"{path} is unreadable ({exc.__class__.__name__}: {cap(str(exc), 120)}); re-record it: {RECORD_HINT}"
-        ) from None
-    problems = [f"array '{name}' is missing" for name in (*PER_TOKEN, *PER_CHUNK, "chunk_tokens") if name not in arrays]
-    if not problems:
-        n, k = manifest.n_tokens, manifest.fidelity.get("top_k")
-        for name in PER_TOKEN:
-            if arrays[name].shape[:1] != (n,):
-                problems.append(f"'{name}' has {arrays[name].shape[:1]} rows, the manifest {n} tokens")
-        for name in ("top_ids", "top_logprobs"):
-            if arrays[name].ndim != 2 or (k is not None and arrays[name].shape[1] != k):
-                problems.append(f"'{name}' has shape {arrays[name].shape}, not ({n}, top_k={k})")
-        for name in PER_CHUNK:
-            if arrays[name].shape != (manifest.n_chunks,):
-                problems.append(f"'{name}' has shape {arrays[name].shape}, the manifest {manifest.n_chunks} chunks")
-        samples = manifest.fidelity.get("tail_samples") or 0
-        for name in ("tail_ids", "tail_logprobs"):
-            if samples and (name not in arrays or arrays[name].shape != (n, samples)):
-                shape = arrays[name].shape if name in arrays else "missing"
-                problems.append(f"'{name}' is {shape}, not ({n}, tail_samples={samples})")
-        if not problems and int(arrays["chunk_lengths"].sum()) != arrays["chunk_tokens"].shape[0]:
-            problems.append("chunk_lengths do not add up to chunk_tokens")
-        if not problems and not np.isfinite(arrays["logprob"]).all():
-            problems.append("'logprob' holds non-finite values")
-    if problems:
-        raise ConfigError(f"{path}: {'; '.join(problems[:3])}; re-record it: {RECORD_HINT}")
-    return arrays
+    return chunks, reference
 
 
 def verify(
@@ -228,18 +192,7 @@ def verify(
     picks = sorted(
         {round(i * (len(chunks) - 1) / max(1, sample_chunks - 1)) for i in range(min(sample_chunks, len(chunks)))}
     )
-    mask = np.isin(golden.chunk, picks)
-    subset = TokenScores(
-        chunk=golden.chunk[mask],
-        target=golden.target[mask],
-        logprob=golden.logprob[mask],
-        top_ids=golden.top_ids[mask],
-        top_logprobs=golden.top_logprobs[mask],
-        tail_mass=golden.tail_mass[mask],
-        block_size=golden.block_size,
-        tail_ids=None if golden.tail_ids is None else golden.tail_ids[mask],
-        tail_logprobs=None if golden.tail_logprobs is None else golden.tail_logprobs[mask],
-    )
+    subset = golden.select(np.isin(golden.chunk, picks))
     fresh = score_text(session, [chunks[i] for i in picks], config, reference=subset)
     drift = compare(subset, fresh).summary
     max_abs = float(np.abs(fresh.logprob - subset.logprob).max())

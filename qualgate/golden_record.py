@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import io
 import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +13,9 @@ import numpy as np
 
 from qualgate.errors import ConfigError
 from qualgate.golden import IDENTITY_FIELDS, MANIFEST, SCHEMA_VERSION, SCORES, GoldenManifest, text_identity
-from qualgate.instruments.fidelity import FidelityConfig, chunk_text, score_text
+from qualgate.instruments.fidelity import FidelityConfig, chunk_text
+from qualgate.instruments.fidelity.scores import iter_scores
+from qualgate.npz_stream import NpzWriter
 from qualgate.version import __version__
 
 if TYPE_CHECKING:
@@ -45,30 +46,35 @@ def record(
     if session.stack.layers:
         raise ConfigError(f"golden record: stack '{session.stack.name}' has layers; record the baseline (no layers)")
     chunks = chunk_text(session, text, config)
-    scores = score_text(session, chunks, config, on_chunk=on_chunk)
     ids = _id_dtype(session.vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    flat = np.concatenate([np.asarray(c.token_ids) for c in chunks]).astype(ids)
-    tail: dict[str, np.ndarray] = {}
-    if scores.tail_ids is not None and scores.tail_logprobs is not None:
-        tail = {"tail_ids": scores.tail_ids.astype(ids), "tail_logprobs": scores.tail_logprobs.astype(np.float32)}
-    tmp = out_dir / (SCORES + ".tmp.npz")
-    save: Any = np.savez_compressed  # numpy's stub reads **arrays as its allow_pickle flag
-    save(
-        tmp,
-        **tail,
-        chunk=scores.chunk.astype(np.int32),
-        target=scores.target.astype(ids),
-        logprob=scores.logprob.astype(np.float32),
-        top_ids=scores.top_ids.astype(ids),
-        top_logprobs=scores.top_logprobs.astype(np.float32),
-        tail_mass=scores.tail_mass.astype(np.float32),
-        chunk_tokens=flat,
-        chunk_lengths=np.asarray([len(c.token_ids) for c in chunks], dtype=np.int32),
-        chunk_first_scored=np.asarray([c.first_scored for c in chunks], dtype=np.int32),
-    )
-    tmp.replace(out_dir / SCORES)  # never leave a half-written golden file behind
+    # Each chunk's rows go to disk as soon as they are scored: memory stays flat whatever the text's length.
+    writer = NpzWriter(out_dir / SCORES)
+    n_tokens, nll, block_size = 0, 0.0, None
+    try:
+        for scored in iter_scores(session, chunks, config, on_chunk=on_chunk):
+            part, chunk = scored.scores, chunks[scored.index]
+            writer.append("chunk", part.chunk.astype(np.int32))
+            writer.append("target", part.target.astype(ids))
+            writer.append("logprob", part.logprob.astype(np.float32))
+            writer.append("top_ids", part.top_ids.astype(ids))
+            writer.append("top_logprobs", part.top_logprobs.astype(np.float32))
+            writer.append("tail_mass", part.tail_mass.astype(np.float32))
+            if part.tail_ids is not None and part.tail_logprobs is not None:
+                writer.append("tail_ids", part.tail_ids.astype(ids))
+                writer.append("tail_logprobs", part.tail_logprobs.astype(np.float32))
+            writer.append("chunk_tokens", np.asarray(chunk.token_ids).astype(ids))
+            n_tokens += part.n
+            nll -= float(part.logprob.astype(np.float64).sum())
+            block_size = part.block_size
+        writer.append("chunk_lengths", np.asarray([len(c.token_ids) for c in chunks], dtype=np.int32))
+        writer.append("chunk_first_scored", np.asarray([c.first_scored for c in chunks], dtype=np.int32))
+        members = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     size = (out_dir / SCORES).stat().st_size
+    tail_bytes = members.get("tail_ids", 0) + members.get("tail_logprobs", 0)
     manifest = GoldenManifest(
         schema_version=SCHEMA_VERSION,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -79,21 +85,14 @@ def record(
         },
         text=text_identity(text, text_source),
         fidelity={key: getattr(config, key) for key in IDENTITY_FIELDS},
-        block_size=scores.block_size,
+        block_size=block_size,
         libraries=_libraries(),
-        n_tokens=scores.n,
+        n_tokens=n_tokens,
         n_chunks=len(chunks),
         scores_bytes=size,
-        bytes_per_token=size / scores.n,
-        ppl=float(np.exp(-scores.logprob.mean())),
-        tail_sample_bytes_per_token=_compressed_size(tail) / scores.n if tail else 0.0,
+        bytes_per_token=size / n_tokens,
+        ppl=float(np.exp(nll / n_tokens)),
+        tail_sample_bytes_per_token=tail_bytes / n_tokens,
     )
     (out_dir / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return manifest
-
-
-def _compressed_size(arrays: dict[str, np.ndarray]) -> int:
-    buffer = io.BytesIO()
-    save: Any = np.savez_compressed
-    save(buffer, **arrays)
-    return buffer.getbuffer().nbytes

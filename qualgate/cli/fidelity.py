@@ -13,7 +13,13 @@ import yaml
 from qualgate import golden, golden_record, noise_floor
 from qualgate.backends import open_session
 from qualgate.errors import ConfigError
-from qualgate.instruments.fidelity import TAIL_SAMPLES, FidelityConfig, FidelityResult, compare, score_text
+from qualgate.instruments.fidelity import (
+    TAIL_SAMPLES,
+    FidelityConfig,
+    FidelityResult,
+    compare_scored,
+    iter_scores,
+)
 from qualgate.models import ModelSpec
 from qualgate.progress import progress
 from qualgate.stack import build_stack
@@ -101,10 +107,13 @@ def _compare_with_golden(
     label: str,
 ) -> FidelityResult:
     manifest = golden.read_manifest(golden_dir)
-    chunks, reference = golden.load(golden_dir, manifest.baseline_model(), text, config)
-    with open_session(build_stack(candidate, layers)) as session, progress(label) as on_chunk:
-        scores = score_text(session, chunks, config, reference=reference, on_chunk=on_chunk)
-    return compare(reference, scores)
+    chunks, reference = golden.open_reference(golden_dir, manifest.baseline_model(), text, config)
+    with (
+        open_session(build_stack(candidate, layers)) as session,
+        progress(label) as on_chunk,
+        reference.rows() as rows,
+    ):
+        return compare_scored(iter_scores(session, chunks, config, rows, on_chunk))
 
 
 def cmd_noise_floor(args: argparse.Namespace) -> int:

@@ -5,13 +5,15 @@ chunk-clustered interval. Pure functions of two TokenScores."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from qualgate.errors import ConfigError
-from qualgate.instruments.fidelity.scores import CONFIDENCE_BUCKETS, TAIL_RESOLUTION, TokenScores
+from qualgate.instruments.fidelity.scores import CONFIDENCE_BUCKETS, TAIL_RESOLUTION, ScoredChunk
+from qualgate.instruments.fidelity.token_scores import TokenScores
 from qualgate.stats import Estimate, clustered_mean, pearson, percentiles, plain_mean, proportion
 
 
@@ -94,39 +96,83 @@ def kl_per_position(
 BLOCK = 4096
 
 
-def _kl_estimate(
-    reference: TokenScores, candidate: TokenScores
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any], float]:
-    """(per-position KL used for the mean, the lower bound per position, how it was computed, the mean
-    reference probability at top-k ids the candidate did not return), one block of positions at a time."""
-    assert candidate.gathered is not None
+def position_metrics(reference: TokenScores, candidate: TokenScores) -> dict[str, np.ndarray]:
+    """Every per-position figure of the candidate Q against the reference P on the same positions.
+
+    `kl` is the sampled-tail estimate where the block allows one (else the bound), `kl_variance` its
+    sampling variance (NaN where the block only has the bound), `merged` the reference's top-k mass at
+    ids the candidate engine did not return."""
+    if candidate.gathered is None:
+        raise ConfigError("the candidate must be scored with the reference (score_text(..., reference=...))")
+    if reference.n != candidate.n or not np.array_equal(reference.target, candidate.target):
+        raise ConfigError("reference and candidate scored different tokens; use the same text and chunking")
     k = reference.top_logprobs.shape[1]
-    estimates, bounds, variances = [], [], []
-    merged = 0.0
-    for start in range(0, reference.n, BLOCK):
-        rows = slice(start, start + BLOCK)
-        p_top = reference.top_logprobs[rows].astype(np.float64)
-        tail = reference.tail_logprobs[rows] if reference.tail_logprobs is not None else None
-        block = kl_per_position(p_top, reference.tail_mass[rows].astype(np.float64), tail, candidate.gathered[rows])
-        estimates.append(block[0])
-        bounds.append(block[1])
-        variances.append(block[2])
-        merged += float(np.where(np.isnan(candidate.gathered[rows, :k]), np.exp(p_top), 0.0).sum())
-    merged_mass = merged / reference.n if reference.n else float("nan")
-    bound = np.concatenate(bounds) if bounds else np.zeros(0)
-    # One estimator for the whole text: a block with an unknown id (an engine's own top-k) makes it the bound.
-    variance = None if any(v is None for v in variances) else np.concatenate([v for v in variances if v is not None])
-    kl = bound if variance is None else np.concatenate(estimates)
-    if variance is None:
-        why = (
-            "the golden has no tail sample"
-            if reference.tail_ids is None
-            else "the candidate engine returned only its own top-k"
-        )
-        return kl, bound, {"kind": "bound", "tail_samples": 0, "why": why, "sampling_se": 0.0}, merged_mass
-    sampling_se = float(np.sqrt(variance.sum()) / kl.size)
-    s = reference.tail_logprobs.shape[1] if reference.tail_logprobs is not None else 0
-    return kl, bound, {"kind": "sampled-tail", "tail_samples": s, "sampling_se": sampling_se}, merged_mass
+    p_top = reference.top_logprobs.astype(np.float64)
+    kl, bound, variance = kl_per_position(
+        p_top, reference.tail_mass.astype(np.float64), reference.tail_logprobs, candidate.gathered
+    )
+    nll_p = -reference.logprob.astype(np.float64)
+    nll_q = -candidate.logprob.astype(np.float64)
+    return {
+        "chunk": reference.chunk,
+        "target": reference.target,
+        "nll_reference": nll_p,
+        "nll_candidate": nll_q,
+        "kl": kl,
+        "kl_bound": bound,
+        "kl_variance": np.full(reference.n, np.nan) if variance is None else variance,
+        "merged": np.where(np.isnan(candidate.gathered[:, :k]), np.exp(p_top), 0.0).sum(axis=1),
+        "same_top1": reference.top_ids[:, 0] == candidate.top_ids[:, 0],
+        "dp": np.exp(-nll_q) - np.exp(-nll_p),
+        "reference_confidence": np.exp(p_top[:, 0]),
+        "reference_tail_mass": reference.tail_mass.astype(np.float64),
+        "reference_top1": reference.top_ids[:, 0],
+        "candidate_top1": candidate.top_ids[:, 0],
+    }
+
+
+# Per-position figures that are working values, not part of the per-token file.
+_WORKING = ("kl_variance", "merged", "reference_tail_mass")
+
+
+class Comparison:
+    """The fidelity metrics folded one stretch of positions at a time: only the per-position scalars
+    are kept (about 100 bytes a token), never either side's [positions, k] arrays."""
+
+    def __init__(self) -> None:
+        self.blocks: list[dict[str, np.ndarray]] = []
+        self.meta: dict[str, Any] | None = None
+
+    def add(self, reference: TokenScores, candidate: TokenScores) -> None:
+        if self.meta is None:
+            self.meta = {
+                "top_k": reference.top_logprobs.shape[1],
+                "tail_samples": 0 if reference.tail_logprobs is None else reference.tail_logprobs.shape[1],
+                "block_size": {"reference": reference.block_size, "candidate": candidate.block_size},
+                "scoring": {"reference": reference.scoring, "candidate": candidate.scoring},
+            }
+        for start in range(0, reference.n, BLOCK):
+            rows = slice(start, start + BLOCK)
+            self.blocks.append(position_metrics(reference.select(rows), candidate.select(rows)))
+
+    def result(self, level: float = 0.95) -> FidelityResult:
+        if self.meta is None:
+            raise ConfigError("no positions were compared; give more text or a smaller n_ctx")
+        columns = {name: np.concatenate([b[name] for b in self.blocks]) for name in self.blocks[0]}
+        return summarize(columns, self.meta, level)
+
+
+def _kl_estimator(columns: dict[str, np.ndarray], meta: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """The per-position KL the mean is taken over, and how it was computed. One estimator for the
+    whole text: a block with an unknown id (an engine's own top-k) makes it the bound."""
+    variance = columns["kl_variance"]
+    if meta["tail_samples"] == 0 or np.isnan(variance).any():
+        why = "the candidate engine returned only its own top-k"
+        if meta["tail_samples"] == 0:
+            why = "the golden has no tail sample"
+        return columns["kl_bound"], {"kind": "bound", "tail_samples": 0, "why": why, "sampling_se": 0.0}
+    sampling_se = float(np.sqrt(variance.sum()) / variance.size)
+    return columns["kl"], {"kind": "sampled-tail", "tail_samples": meta["tail_samples"], "sampling_se": sampling_se}
 
 
 def at_least_zero(est: Estimate) -> dict[str, float]:
@@ -137,19 +183,35 @@ def at_least_zero(est: Estimate) -> dict[str, float]:
 
 def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95) -> FidelityResult:
     """All fidelity metrics of the candidate Q against the reference P on the same tokens."""
-    if candidate.gathered is None:
-        raise ConfigError("the candidate must be scored with the reference (score_text(..., reference=...))")
-    if reference.n != candidate.n or not np.array_equal(reference.target, candidate.target):
-        raise ConfigError("reference and candidate scored different tokens; use the same text and chunking")
-    nll_p = -reference.logprob.astype(np.float64)
-    nll_q = -candidate.logprob.astype(np.float64)
-    chunks = reference.chunk
-    k = reference.top_logprobs.shape[1]
-    kl, kl_bound, estimator, merged_mass = _kl_estimate(reference, candidate)
+    comparison = Comparison()
+    comparison.add(reference, candidate)
+    return comparison.result(level)
+
+
+def compare_scored(scored: Iterable[ScoredChunk], level: float = 0.95) -> FidelityResult:
+    """All fidelity metrics of a candidate scored chunk by chunk against a streamed reference
+    (iter_scores with a reference): each chunk is folded in as it comes, so neither side's
+    [tokens, k] arrays are ever held for the whole text."""
+    comparison = Comparison()
+    for chunk in scored:
+        if chunk.reference is None:
+            raise ConfigError("the candidate must be scored with the reference (iter_scores(..., reference=...))")
+        comparison.add(chunk.reference, chunk.scores)
+    return comparison.result(level)
+
+
+def summarize(columns: dict[str, np.ndarray], meta: dict[str, Any], level: float = 0.95) -> FidelityResult:
+    """The summary (means with chunk-clustered intervals, percentiles, buckets) of the per-position
+    figures of a whole text (position_metrics, joined)."""
+    nll_p, nll_q = columns["nll_reference"], columns["nll_candidate"]
+    chunks = columns["chunk"]
+    kl, estimator = _kl_estimator(columns, meta)
+    kl_bound = columns["kl_bound"]
     shown = np.clip(kl, 0.0, None)  # per-position figures (percentiles, buckets): a KL is >= 0
-    same = reference.top_ids[:, 0] == candidate.top_ids[:, 0]
-    dp = np.exp(-nll_q) - np.exp(-nll_p)
-    confidence = np.exp(reference.top_logprobs[:, 0].astype(np.float64))
+    same = columns["same_top1"]
+    dp = columns["dp"]
+    confidence = columns["reference_confidence"]
+    n = int(kl.size)
 
     ln_ratio = clustered_mean(nll_q - nll_p, chunks, level)
     kl_plain = plain_mean(kl, level)
@@ -173,17 +235,17 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
             }
         )
     summary: dict[str, Any] = {
-        "n_tokens": reference.n,
+        "n_tokens": n,
         "n_chunks": int(np.unique(chunks).size),
-        "top_k": k,
+        "top_k": meta["top_k"],
         # KL over the top-k plus one tail bucket is a lower bound; it misses roughly this share of the
         # full KL (measured on the fixture model), so a large value asks for a larger top_k.
-        "reference_tail_mass": float(reference.tail_mass.mean()),
+        "reference_tail_mass": float(columns["reference_tail_mass"].mean()),
         # Reference top-k mass whose ids the candidate engine did not return (HTTP top-k), merged into
         # the tail bucket: 0 in process; a large value asks for a larger engine top-k (max_logprobs).
-        "merged_mass": merged_mass,
-        "block_size": {"reference": reference.block_size, "candidate": candidate.block_size},
-        "scoring": {"reference": reference.scoring, "candidate": candidate.scoring},
+        "merged_mass": float(columns["merged"].sum()) / n if n else float("nan"),
+        "block_size": meta["block_size"],
+        "scoring": meta["scoring"],
         "ppl_reference": float(np.exp(nll_p.mean())),
         "ppl_candidate": float(np.exp(nll_q.mean())),
         "ln_ppl_ratio": ln_ratio.as_dict(),
@@ -203,19 +265,8 @@ def compare(reference: TokenScores, candidate: TokenScores, level: float = 0.95)
         "nll_correlation": pearson(nll_q, nll_p),
         "kl_by_confidence": buckets,
     }
-    per_token = {
-        "chunk": chunks,
-        "target": reference.target,
-        "nll_reference": nll_p,
-        "nll_candidate": nll_q,
-        "kl": kl,
-        "kl_bound": kl_bound,
-        "same_top1": same,
-        "dp": dp,
-        "reference_confidence": confidence,
-        "reference_top1": reference.top_ids[:, 0],
-        "candidate_top1": candidate.top_ids[:, 0],
-    }
+    per_token = {name: values for name, values in columns.items() if name not in _WORKING}
+    per_token["kl"] = kl
     return FidelityResult(summary, per_token)
 
 

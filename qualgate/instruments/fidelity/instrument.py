@@ -15,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from qualgate import golden, noise_floor
 from qualgate.chunking import Chunk
 from qualgate.gate import Finding
+from qualgate.golden_scores import GoldenReference
 from qualgate.instruments.base import Gate, Instrument, Tiers, estimate_metrics
-from qualgate.instruments.fidelity.compare import compare
-from qualgate.instruments.fidelity.scores import FidelityConfig, TokenScores, score_text
+from qualgate.instruments.fidelity.compare import compare_scored
+from qualgate.instruments.fidelity.scores import FidelityConfig, iter_scores
 from qualgate.instruments.generation import without_generation_layers
 from qualgate.store import file_sha256
 from qualgate.text_source import as_source, is_dataset_spec
@@ -81,13 +82,13 @@ class FidelitySection(BaseModel):
 
 @dataclass(frozen=True)
 class GoldenData:
-    """What a run reads from the golden once: its directory, chunking, chunks, reference scores and the
-    hash of scores.npz (part of every fidelity record's identity)."""
+    """What a run reads from the golden once: its directory, chunking, chunks, reference side (streamed
+    from disk by each comparison) and the hash of scores.npz (part of every fidelity record's identity)."""
 
     directory: Path
     config: FidelityConfig
     chunks: list[Chunk]
-    reference: TokenScores
+    reference: GoldenReference
     scores_sha256: str
     manifest: dict[str, Any]
 
@@ -101,7 +102,7 @@ def load_golden(section: FidelitySection, model: ModelSpec, where: str) -> Golde
     )
     text = golden.domain_text(golden_dir, manifest, section.text, f"{where}: instruments.fidelity.text")
     source = section.text or manifest.text.get("source")
-    chunks, reference = golden.load(golden_dir, model, text, config, source)
+    chunks, reference = golden.open_reference(golden_dir, model, text, config, source)
     scores = file_sha256(golden_dir / golden.SCORES)
     return GoldenData(golden_dir, config, chunks, reference, scores, manifest.model_dump())
 
@@ -163,17 +164,10 @@ class Fidelity(Instrument[FidelitySection]):
             }
         )
         if record is None:
-            with ctx.open(measured) as session:
-                checkpoint = ctx.store.chunks(key)
-                scores = score_text(
-                    session,
-                    data.chunks,
-                    data.config,
-                    reference=data.reference,
-                    on_chunk=ctx.progress(f"fidelity {measured.name}"),
-                    checkpoint=checkpoint,
-                )
-            result = compare(data.reference, scores)
+            checkpoint = ctx.store.chunks(key)
+            with ctx.open(measured) as session, data.reference.rows() as reference:
+                progress = ctx.progress(f"fidelity {measured.name}")
+                result = compare_scored(iter_scores(session, data.chunks, data.config, reference, progress, checkpoint))
             buffer = io.BytesIO()
             save: Any = np.savez_compressed  # numpy's stub reads **arrays as its allow_pickle flag
             save(buffer, **result.per_token)

@@ -4,7 +4,7 @@ with the reference's top-k and sampled tail ids."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qualgate.chunking import Chunk, ChunkingMode, llamacpp_chunks, rolling_chunks
 from qualgate.errors import ConfigError
+from qualgate.instruments.fidelity.token_scores import InMemoryRows, ReferenceRows, TokenScores
 
 if TYPE_CHECKING:
     from qualgate.backends.base import ScoreResult, Session
@@ -81,35 +82,14 @@ class ChunkCheckpoint(Protocol):
     def save(self, index: int, part: dict[str, np.ndarray]) -> None: ...
 
 
-def reference_ids(top_ids: np.ndarray, tail_ids: np.ndarray | None) -> np.ndarray:
-    """The top-k ids, then the tail draws when there are any: what a candidate is asked about."""
-    return top_ids if tail_ids is None else np.concatenate([top_ids, tail_ids], axis=1)
-
-
 @dataclass(frozen=True)
-class TokenScores:
-    """Per scored token: its chunk, the actual next token and the distribution around it."""
+class ScoredChunk:
+    """One chunk scored: its index, this side's scores and (with a reference) the reference's at the
+    same positions."""
 
-    chunk: np.ndarray  # [N] int32
-    target: np.ndarray  # [N] int64
-    logprob: np.ndarray  # [N] float64: log Q(t) (or log P(t) for the reference)
-    top_ids: np.ndarray  # [N, k]
-    top_logprobs: np.ndarray  # [N, k]
-    tail_mass: np.ndarray  # [N]
-    gathered: np.ndarray | None = None  # [N, k_ref (+ s)]: this side's logprobs at the reference's ids
-    block_size: int | None = None
-    scoring: str = "one pass"  # how the tokens entered the KV cache (scoring_label)
-    tail_ids: np.ndarray | None = None  # [N, s]: ids drawn from this side's tail (a golden's reference)
-    tail_logprobs: np.ndarray | None = None  # [N, s]: their logprobs on this side
-
-    @property
-    def reference_ids(self) -> np.ndarray:
-        """The ids a candidate is asked for at each position: the top-k, then the tail sample."""
-        return reference_ids(self.top_ids, self.tail_ids)
-
-    @property
-    def n(self) -> int:
-        return int(self.target.size)
+    index: int
+    scores: TokenScores
+    reference: TokenScores | None
 
 
 def chunk_text(session: Session, text: str, config: FidelityConfig) -> list[Chunk]:
@@ -131,49 +111,58 @@ def score_text(
     on_chunk: Callable[[int, int], None] | None = None,
     checkpoint: ChunkCheckpoint | None = None,
 ) -> TokenScores:
-    """Score every chunk; with a reference, also gather this side's logprobs at its top-k ids.
+    """Every chunk scored (iter_scores), joined into one TokenScores."""
+    rows = None if reference is None else InMemoryRows(reference)
+    parts = [s.scores for s in iter_scores(session, chunks, config, rows, on_chunk, checkpoint)]
+    if not parts:
+        raise ConfigError("there are no chunks to score; give more text or a smaller n_ctx")
+    return TokenScores.concat(parts)
+
+
+def iter_scores(
+    session: Session,
+    chunks: list[Chunk],
+    config: FidelityConfig,
+    reference: ReferenceRows | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+    checkpoint: ChunkCheckpoint | None = None,
+) -> Iterator[ScoredChunk]:
+    """Score every chunk, in order; with a reference, also gather this side's logprobs at its top-k
+    ids (and tail draws) and hand the reference's rows over with each chunk.
 
     Chunks scored in one forward pass go to the session in groups it may batch; chunks fed through
     the KV cache (blocks, or the serving schedule) one at a time. With a checkpoint, each chunk's
     arrays are saved as soon as they exist and reused on a rerun, so an interrupted run loses at most
-    the batch in flight."""
+    the batch in flight. Nothing is kept between groups: a caller that folds each chunk as it comes
+    holds a fixed amount of memory whatever the text's length."""
     from qualgate.backends.base import ScoreRequest
 
     block_size = config.block_size_for(session)
     serve = config.serves(session)
     one_pass = block_size is None and not serve
+    label = scoring_label(block_size, serve, chunks[0].first_scored if chunks else None)
     # Only the reference side draws a tail sample and needs its own top-k; a candidate is asked for
     # the reference's ids (gather) and its top-1. An engine that returns only its own top-k needs the
     # full top_k for gather to find the reference's ids in it.
     full_vocab = session.capabilities.max_top_k is None
     top_k = config.top_k if reference is None or not full_vocab else 1
     tail_samples = config.tail_samples if reference is None else 0
-    offsets = np.concatenate([[0], np.cumsum([c.n_scored for c in chunks])]).astype(int)
-    parts: dict[int, dict[str, np.ndarray]] = {}
-
-    def done(index: int, part: dict[str, np.ndarray], fresh: bool) -> None:
-        if fresh and checkpoint is not None:
-            checkpoint.save(index, part)
-        parts[index] = part
-        if on_chunk is not None:
-            on_chunk(len(parts), len(chunks))
-
-    asked = reference.reference_ids if reference is not None else None  # built once, not once per chunk
-
-    def gather_for(index: int) -> np.ndarray | None:
-        if asked is None:
-            return None
-        chunk = chunks[index]
-        rows = asked[offsets[index] : offsets[index + 1]]
-        gather = np.zeros((len(chunk.token_ids) - 1, rows.shape[1]), dtype=np.int64)
-        gather[chunk.first_scored :] = rows
-        return gather
-
-    if reference is not None and offsets[-1] != reference.n:
+    total = sum(c.n_scored for c in chunks)
+    if reference is not None and total != reference.n:
         raise ConfigError(
-            f"the candidate scored {offsets[-1]} tokens but the reference has {reference.n}; "
+            f"the candidate scored {total} tokens but the reference has {reference.n}; "
             "they must use the same text and chunking"
         )
+    finished = 0
+
+    def gather_for(chunk: Chunk, rows: TokenScores | None) -> np.ndarray | None:
+        if rows is None:
+            return None
+        asked = rows.reference_ids
+        gather = np.zeros((len(chunk.token_ids) - 1, asked.shape[1]), dtype=np.int64)
+        gather[chunk.first_scored :] = asked
+        return gather
+
     # Groups are fixed ranges of chunk indices, and a group is reused only whole: a resumed run puts
     # every chunk in the batch a fresh run would (batch shapes change GEMM kernels, and so the last
     # bits), so an interrupted run ends with the numbers of an uninterrupted one.
@@ -181,33 +170,38 @@ def score_text(
     group = session.scoring_group(width) if one_pass else 1
     for start in range(0, len(chunks), group):
         indices = list(range(start, min(start + group, len(chunks))))
+        refs = [None if reference is None else reference.take(chunks[i].n_scored) for i in indices]
         saved = [checkpoint.load(i) if checkpoint is not None else None for i in indices]
         if all(part is not None for part in saved):
-            for index, part in zip(indices, saved, strict=True):
-                assert part is not None
-                done(index, part, fresh=False)
-            continue
-        if one_pass:
-            requests = [ScoreRequest(chunks[i].token_ids, top_k, gather_for(i), tail_samples) for i in indices]
-            results = session.score_batch(requests)
+            parts = [part for part in saved if part is not None]
         else:
-            [i] = indices
-            schedule = serving_schedule(chunks[i]) if serve else None
-            results = [
-                session.score(
-                    chunks[i].token_ids,
-                    top_k=top_k,
-                    block_size=block_size,
-                    gather=gather_for(i),
-                    schedule=schedule,
-                    tail_samples=tail_samples,
-                )
-            ]
-        for index, result in zip(indices, results, strict=True):
-            done(index, chunk_part(index, chunks[index], result), fresh=True)
-    merged = {key: np.concatenate([parts[i][key] for i in range(len(chunks))]) for key in parts[0]}
-    label = scoring_label(block_size, serve, chunks[0].first_scored if chunks else None)
-    return TokenScores(**merged, block_size=block_size, scoring=label)
+            if one_pass:
+                requests = [
+                    ScoreRequest(chunks[i].token_ids, top_k, gather_for(chunks[i], ref), tail_samples)
+                    for i, ref in zip(indices, refs, strict=True)
+                ]
+                results = session.score_batch(requests)
+            else:
+                [i] = indices
+                results = [
+                    session.score(
+                        chunks[i].token_ids,
+                        top_k=top_k,
+                        block_size=block_size,
+                        gather=gather_for(chunks[i], refs[0]),
+                        schedule=serving_schedule(chunks[i]) if serve else None,
+                        tail_samples=tail_samples,
+                    )
+                ]
+            parts = [chunk_part(i, chunks[i], result) for i, result in zip(indices, results, strict=True)]
+            if checkpoint is not None:
+                for i, part in zip(indices, parts, strict=True):
+                    checkpoint.save(i, part)
+        for i, part, ref in zip(indices, parts, refs, strict=True):
+            finished += 1
+            if on_chunk is not None:
+                on_chunk(finished, len(chunks))
+            yield ScoredChunk(i, TokenScores(**part, block_size=block_size, scoring=label), ref)
 
 
 def chunk_part(index: int, chunk: Chunk, result: ScoreResult) -> dict[str, np.ndarray]:
