@@ -12,7 +12,7 @@ from qualgate.layers import LayerParams, WeightQuantLayer
 from qualgate.layers.kv_quant import Fp8KV, _fp8_layer_class
 from qualgate.layers.prefix_cache import BlockPrefixCache, PrefixStore
 from qualgate.layers.speculation import DraftModel, Ngram
-from qualgate.layers.weight_quant import RoundToNearest, RTNParams, quantizable_linears
+from qualgate.layers.weight_quant import RoundToNearest, RTNParams, fake_quantize_groupwise, quantizable_linears
 
 
 class ScaleParams(LayerParams):
@@ -184,4 +184,30 @@ class Exploding(WeightQuantLayer):
     Params = ExplodingParams
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+
+class PlantedParams(RTNParams):
+    planted: str = "model.layers.2.mlp.up_proj"
+    planted_bits: int = 2
+
+
+class PlantedWorstMatrix(RoundToNearest):
+    """RTN as configured everywhere except one named matrix, rounded to `planted_bits`: a per-matrix
+    setting applied to the wrong matrix (or a scale computed for another one), which attribution must
+    rank first."""
+
+    method: ClassVar[str] = "planted_worst"
+    Params = PlantedParams
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = super().apply(model)
+        p = self.params
+        assert isinstance(p, PlantedParams)
+        with torch.no_grad():
+            for name, linear in quantizable_linears(model, p.include_lm_head):
+                if name == p.planted:
+                    linear.weight.copy_(
+                        fake_quantize_groupwise(linear.weight, p.planted_bits, p.group_size, p.symmetric)
+                    )
         return model

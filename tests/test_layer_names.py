@@ -25,6 +25,7 @@ DEFAULT_NAMES = {
     ("weight_quant", "gguf"): "gguf-q4_k_m",
     ("weight_quant", "vllm"): "w-fp8",
     ("weight_quant", "checkpoint"): "ckpt-target",
+    ("weight_quant", "mixed"): "w4g128-keep1-full-34e900",
     ("kv_quant", "quanto"): "kv-int4",
     ("kv_quant", "fp8"): "kv-fp8-e4m3",
     ("kv_quant", "ggml"): "kv-q8_0",
@@ -39,6 +40,7 @@ DEFAULT_NAMES = {
 REQUIRED = {
     ("weight_quant", "vllm"): {"quantization": "fp8"},
     ("weight_quant", "checkpoint"): {"path": str(bundled_model_path("target"))},
+    ("weight_quant", "mixed"): {"base": {"method": "rtn"}, "modules": ["model.layers.0.mlp.down_proj"]},
 }
 
 # One valid non-default value for every parameter of every built-in.
@@ -49,6 +51,11 @@ ALTERNATIVES: dict[tuple[str, str], dict[str, Any]] = {
     ("weight_quant", "gguf"): {"type": "Q8_0", "quantize_output": False},
     ("weight_quant", "vllm"): {"quantization": "awq", "checkpoint": "/models/llama-awq"},
     ("weight_quant", "checkpoint"): {"path": str(bundled_model_path("draft"))},
+    ("weight_quant", "mixed"): {
+        "base": {"method": "rtn", "bits": 3},
+        "keep": {"method": "rtn", "bits": 8},
+        "modules": ["model.layers.1.mlp.down_proj"],
+    },
     ("kv_quant", "quanto"): {"bits": 2, "q_group_size": 32, "residual_length": 32, "axis_key": -1, "axis_value": -1},
     ("kv_quant", "fp8"): {"format": "e5m2", "scale": 0.002},
     ("kv_quant", "ggml"): {"type_k": "q4_0", "type_v": "f16"},

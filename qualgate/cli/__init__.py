@@ -38,13 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"qualgate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    from qualgate.cli import equivalence, fidelity, info, run, tracking
+    from qualgate.cli import attribute, equivalence, fidelity, info, run, tracking
 
     info.add_commands(commands)
     run.add_commands(commands)
     fidelity.add_commands(commands)
     equivalence.add_commands(commands)
     tracking.add_commands(commands)
+    attribute.add_commands(commands)
     return parser
 
 

@@ -1,6 +1,6 @@
 """Optimization layers. Built-in methods register on import; plug-ins are named by "module:Class"."""
 
-from qualgate.layers import checkpoint, engine, kv_quant, kv_rotated, prefix_cache, speculation, weight_quant
+from qualgate.layers import checkpoint, engine, kv_quant, kv_rotated, mixed, prefix_cache, speculation, weight_quant
 from qualgate.layers.base import (
     KIND_BASES,
     LAYER_KINDS,
@@ -38,6 +38,7 @@ __all__ = [
     "engine",
     "kv_quant",
     "kv_rotated",
+    "mixed",
     "prefix_cache",
     "register_layer",
     "speculation",
