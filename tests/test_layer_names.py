@@ -26,6 +26,7 @@ DEFAULT_NAMES = {
     ("weight_quant", "vllm"): "w-fp8",
     ("weight_quant", "checkpoint"): "ckpt-target",
     ("weight_quant", "mixed"): "w4g128-keep1-full-34e900",
+    ("weight_quant", "gguf_dequant"): "gguf-q4_k_m-sim",
     ("kv_quant", "quanto"): "kv-int4",
     ("kv_quant", "fp8"): "kv-fp8-e4m3",
     ("kv_quant", "ggml"): "kv-q8_0",
@@ -51,6 +52,7 @@ ALTERNATIVES: dict[tuple[str, str], dict[str, Any]] = {
     ("weight_quant", "gguf"): {"type": "Q8_0", "quantize_output": False},
     ("weight_quant", "vllm"): {"quantization": "awq", "checkpoint": "/models/llama-awq"},
     ("weight_quant", "checkpoint"): {"path": str(bundled_model_path("draft"))},
+    ("weight_quant", "gguf_dequant"): {"type": "Q8_0", "quantize_output": False, "cache_dir": "/tmp/gguf"},
     ("weight_quant", "mixed"): {
         "base": {"method": "rtn", "bits": 3},
         "keep": {"method": "rtn", "bits": 8},

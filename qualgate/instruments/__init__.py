@@ -1,7 +1,8 @@
 """Instruments: ways of measuring a stack against the unoptimized model (base.py: the extension point).
 
 The built-ins register here with the same call a plug-in uses, in the order they measure, report and
-are logged: fidelity, decode path, equivalence, benchmarks, judge (docs/extending.md adds one).
+are logged: fidelity, decode path, equivalence, benchmarks, judge, kernel loss (docs/extending.md
+adds one).
 """
 
 from qualgate.instruments.base import INSTRUMENTS, Instrument, instruments_for, register_instrument
@@ -10,8 +11,9 @@ from qualgate.instruments.decode_path.instrument import DecodePath
 from qualgate.instruments.equivalence.instrument import Equivalence
 from qualgate.instruments.fidelity.instrument import Fidelity
 from qualgate.instruments.judge.instrument import Judge
+from qualgate.instruments.kernel_loss import KernelLoss
 
-for _builtin in (Fidelity, DecodePath, Equivalence, Benchmarks, Judge):
+for _builtin in (Fidelity, DecodePath, Equivalence, Benchmarks, Judge, KernelLoss):
     register_instrument(_builtin)
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "Fidelity",
     "Instrument",
     "Judge",
+    "KernelLoss",
     "instruments_for",
     "register_instrument",
 ]

@@ -1,6 +1,16 @@
 """Optimization layers. Built-in methods register on import; plug-ins are named by "module:Class"."""
 
-from qualgate.layers import checkpoint, engine, kv_quant, kv_rotated, mixed, prefix_cache, speculation, weight_quant
+from qualgate.layers import (
+    checkpoint,
+    engine,
+    gguf_sim,
+    kv_quant,
+    kv_rotated,
+    mixed,
+    prefix_cache,
+    speculation,
+    weight_quant,
+)
 from qualgate.layers.base import (
     KIND_BASES,
     LAYER_KINDS,
@@ -36,6 +46,7 @@ __all__ = [
     "build_layer",
     "checkpoint",
     "engine",
+    "gguf_sim",
     "kv_quant",
     "kv_rotated",
     "mixed",

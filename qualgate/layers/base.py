@@ -64,6 +64,12 @@ class Layer(ABC, Generic[P]):
         self.params: P = params
         self.name = name or self.default_name()
 
+    def simulation(self) -> Layer[Any] | None:
+        """The same optimization run in process by qualgate, the reference engine: what an engine's
+        measurement is split against (the kernel_loss instrument). A layer qualgate applies itself is
+        its own simulation; an engine-only layer names its in-process equivalent, or None."""
+        return None if self.engines else self
+
     def name_stem(self) -> str:
         """The short name of this method (`kv-fp8-e4m3`); built-ins override it, showing `stem_params`."""
         return f"{self.kind}:{self.method}"

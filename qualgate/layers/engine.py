@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field
 
 from qualgate.errors import ConfigError
-from qualgate.layers.base import KVQuantLayer, LayerParams, WeightQuantLayer, register_layer
+from qualgate.layers.base import KVQuantLayer, Layer, LayerParams, WeightQuantLayer, register_layer
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +46,13 @@ class GGUFQuant(WeightQuantLayer[GGUFParams]):
 
     def name_stem(self) -> str:
         return f"gguf-{self.params.type.lower()}"
+
+    def simulation(self) -> Layer[Any] | None:
+        """The same GGUF file, dequantized into the HF model (weight_quant/gguf_dequant)."""
+        from qualgate.layers.gguf_sim import GGUFDequant, GGUFDequantParams
+
+        p = self.params
+        return GGUFDequant(GGUFDequantParams.model_validate({"type": p.type, "quantize_output": p.quantize_output}))
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         raise _engine_only(self)

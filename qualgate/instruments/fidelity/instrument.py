@@ -4,7 +4,7 @@ with the reference scores recorded there (KL, same top-1, perplexity ratio)."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qualgate import golden, noise_floor
 from qualgate.chunking import Chunk
+from qualgate.errors import InfrastructureError
 from qualgate.gate import Finding
 from qualgate.golden_scores import GoldenReference
 from qualgate.instruments.base import Gate, Instrument, Tiers, estimate_metrics
@@ -24,6 +25,7 @@ from qualgate.store import file_sha256
 from qualgate.text_source import as_source, is_dataset_spec
 
 if TYPE_CHECKING:
+    from qualgate.backends.base import Session
     from qualgate.config import Pipeline
     from qualgate.models import ModelSpec
     from qualgate.run.context import RunContext
@@ -107,6 +109,55 @@ def load_golden(section: FidelitySection, model: ModelSpec, where: str) -> Golde
     return GoldenData(golden_dir, config, chunks, reference, scores, manifest.model_dump())
 
 
+def fidelity_record(
+    data: GoldenData,
+    stack: Stack,
+    ctx: RunContext,
+    opener: Callable[[Stack], Session] | None = None,
+    role: str | None = None,
+) -> dict[str, Any]:
+    """The stack scored against the golden (its record: summary and per-token file), reused when a run
+    already holds it. `opener` opens the session (default: the pipeline's backend); `role` tells
+    records of the same stack apart when they were measured elsewhere (`simulated`: in process)."""
+    # Generation-time layers do not change the distribution: the stack without them is measured once.
+    measured = without_generation_layers(stack)
+    identity = {
+        "instrument": "fidelity",
+        "stack": measured.identity(),
+        "config": data.config.model_dump(),
+        "golden": data.scores_sha256,
+    }
+    key, record = ctx.lookup({**identity, "role": role} if role else identity)
+    if record is not None:
+        return record
+    checkpoint = ctx.store.chunks(key)
+    with (opener or ctx.open)(measured) as session, data.reference.rows() as reference:
+        progress = ctx.progress(f"fidelity {measured.name}" + (f" ({role})" if role else ""))
+        result = compare_scored(iter_scores(session, data.chunks, data.config, reference, progress, checkpoint))
+    buffer = io.BytesIO()
+    save: Any = np.savez_compressed  # numpy's stub reads **arrays as its allow_pickle flag
+    save(buffer, **result.per_token)
+    ctx.files.write(f"samples/fidelity.{key}.npz", buffer.getvalue())
+    record = {
+        "stack": measured.name,
+        "golden": str(data.directory),
+        "summary": result.summary,
+        "per_token": f"samples/fidelity.{key}.npz",
+    }
+    ctx.put(key, record)
+    checkpoint.discard()
+    return record
+
+
+def per_token(record: dict[str, Any], ctx: RunContext) -> dict[str, np.ndarray]:
+    """A fidelity record's per-token arrays, read back from the run."""
+    data = ctx.files.read(record["per_token"])
+    if data is None:
+        raise InfrastructureError(f"{record['per_token']} is missing from the run directory; rerun with --fresh")
+    with np.load(io.BytesIO(data)) as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
 class Fidelity(Instrument[FidelitySection]):
     name = "fidelity"
     Config = FidelitySection
@@ -152,34 +203,7 @@ class Fidelity(Instrument[FidelitySection]):
         return {"golden": self.opened(ctx).manifest}
 
     def measure(self, stack: Stack, ctx: RunContext) -> dict[str, Any]:
-        data = self.opened(ctx)
-        # Generation-time layers do not change the distribution: the stack without them is measured once.
-        measured = without_generation_layers(stack)
-        key, record = ctx.lookup(
-            {
-                "instrument": "fidelity",
-                "stack": measured.identity(),
-                "config": data.config.model_dump(),
-                "golden": data.scores_sha256,
-            }
-        )
-        if record is None:
-            checkpoint = ctx.store.chunks(key)
-            with ctx.open(measured) as session, data.reference.rows() as reference:
-                progress = ctx.progress(f"fidelity {measured.name}")
-                result = compare_scored(iter_scores(session, data.chunks, data.config, reference, progress, checkpoint))
-            buffer = io.BytesIO()
-            save: Any = np.savez_compressed  # numpy's stub reads **arrays as its allow_pickle flag
-            save(buffer, **result.per_token)
-            ctx.files.write(f"samples/fidelity.{key}.npz", buffer.getvalue())
-            record = {
-                "stack": measured.name,
-                "golden": str(data.directory),
-                "summary": result.summary,
-                "per_token": f"samples/fidelity.{key}.npz",
-            }
-            ctx.put(key, record)
-            checkpoint.discard()
+        record = fidelity_record(self.opened(ctx), stack, ctx)
         s = record["summary"]
         # merged_mass: reference top-k mass an HTTP engine did not return (0 in process and in old records)
         return {
