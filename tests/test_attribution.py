@@ -141,3 +141,55 @@ def test_a_mixed_layer_naming_a_missing_module_is_exit_2() -> None:
         pass
     with pytest.raises(ConfigError, match="base and keep must be single quantizers"):
         build_layer({**spec, "base": {"method": "mixed"}})
+
+
+def test_the_attribution_is_logged_to_mlflow(demo_attribution: tuple[int, Path], _tracking_store: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(_tracking_store)
+    experiment = client.get_experiment_by_name("qualgate-demo")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], "tags.`qualgate.kind` = 'attribution'")
+    assert runs, "an attribution run in the pipeline's experiment"
+    run = runs[0]
+    assert run.data.metrics["attribution/kept"] > 0 and run.data.metrics["attribution/plan_kl"] < 0.002
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"attribution.md", "kl_by_unit.png", "tables"} <= artifacts
+
+
+def test_kv_rtn_quantizes_only_the_side_it_is_asked_to() -> None:
+    import torch
+    from transformers import AutoConfig
+
+    from qualgate.fixtures import bundled_model_path
+
+    config = AutoConfig.from_pretrained(bundled_model_path("target"))
+    keys, values = torch.randn(1, 2, 5, 32), torch.randn(1, 2, 5, 32)
+    k_only = build_layer({"kind": "kv_quant", "method": "rtn", "bits_k": 2, "bits_v": None}).make_cache(config)  # type: ignore[attr-defined]
+    got_k, got_v = k_only.update(keys, values, 0)
+    assert torch.equal(got_v, values) and not torch.allclose(got_k, keys)
+    assert len(torch.unique(got_k[0, 0, 0])) <= 4 * 1, "2 bits: at most 4 levels per group of 32 channels"
+    with pytest.raises(ConfigError, match="nothing would be quantized"):
+        build_layer({"kind": "kv_quant", "method": "rtn", "bits_k": None, "bits_v": None})
+
+
+def test_kv_sweep_keys_are_the_sensitive_side(tmp_path: Path, _tracking_store: str) -> None:
+    """The K x V grid on the bundled model: 2-bit keys cost more than 2-bit values, 8 bits on both is
+    ~0, the heat map, table and MLflow run are written, and the demo's FP8 cache is scored beside."""
+    out = tmp_path / "kv"
+    argv = ["kv-sweep", str(REPO / "pipelines" / "demo.yaml"), "--bits", "2,8", "--chunks", "2", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "kv_sweep.json").read_text())
+    cells = {(str(c["bits_k"]), str(c["bits_v"])): c["kl_mean"]["value"] for c in result["cells"]}
+    assert len(cells) == 8 and cells[("2", "fp")] > 2 * cells[("fp", "2")] > 0
+    assert cells[("8", "8")] < 1e-4 < cells[("2", "2")]
+    assert [row["name"] for row in result["layers"]] == ["kv-fp8-e4m3"]
+    assert (out / "kv_heat_map.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![K x V heat map](kv_heat_map.png)" in (out / "kv_sweep.md").read_text()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(_tracking_store)
+    experiment = client.get_experiment_by_name("qualgate-demo")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], "tags.`qualgate.kind` = 'kv-sweep'")
+    assert runs and "kv_sweep/k_only_2" in runs[0].data.metrics

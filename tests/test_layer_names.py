@@ -32,6 +32,7 @@ DEFAULT_NAMES = {
     ("kv_quant", "ggml"): "kv-q8_0",
     ("kv_quant", "turboquant"): "kv-turboquant3",
     ("kv_quant", "kivi"): "kv-kivi2",
+    ("kv_quant", "rtn"): "kv-k4v4",
     ("speculation", "draft_model"): "spec-draft4",
     ("speculation", "ngram"): "spec-ngram4",
     ("speculation", "draft_model_typical"): "spec-typical4",
@@ -63,6 +64,7 @@ ALTERNATIVES: dict[tuple[str, str], dict[str, Any]] = {
     ("kv_quant", "ggml"): {"type_k": "q4_0", "type_v": "f16"},
     ("kv_quant", "turboquant"): {"bits": 2.5, "qjl": True, "seed": 1},
     ("kv_quant", "kivi"): {"bits": 4, "group_size": 16, "residual_length": 64},
+    ("kv_quant", "rtn"): {"bits_k": 2, "bits_v": None, "group_size": 16},
     ("speculation", "draft_model"): {"num_speculative_tokens": 2, "draft": "bundled:other", "draft_device": "cpu"},
     ("speculation", "ngram"): {"num_speculative_tokens": 2, "prompt_lookup_max": 5, "prompt_lookup_min": 2},
     ("speculation", "draft_model_typical"): {
