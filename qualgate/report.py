@@ -202,6 +202,8 @@ def write(report: dict[str, Any], out_dir: Path) -> None:
     # A report qualgate built wrong is a bug (exit 4) and is never written: every report is valid.
     report_model.Report.model_validate(report)
     text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    for instrument in publishers(report):
+        instrument.charts(report, out_dir)  # before summary.md, which links them
     summary = markdown(report)
     atomic_write_text(out_dir / "summary.md", summary)
     atomic_write_text(out_dir / "junit.xml", junit(report) + "\n")

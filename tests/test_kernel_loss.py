@@ -100,3 +100,5 @@ def test_llamacpp_splits_into_algorithm_and_kernel_loss(tmp_path: Path) -> None:
     assert q4["kernel"]["kl_mean"]["value"] < 0.1 * q4["deployed"]["kl_mean"]["value"]
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "### Algorithm vs kernel loss" in summary and "| gguf-q4_k_m |" in summary
+    assert "![algorithm vs kernel loss](plots/kernel_loss.png)" in summary
+    assert (tmp_path / "run" / "plots" / "kernel_loss.png").read_bytes()[:4] == b"\x89PNG"

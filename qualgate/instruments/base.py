@@ -111,6 +111,12 @@ class Instrument(ABC, Generic[C]):
         return []
 
     @classmethod
+    def charts(cls, report: dict[str, Any], run_dir: Path) -> list[Path]:
+        """PNGs it draws from the report into RUN_DIR/plots when the run is written: summary.md links
+        them (summary_lines) and they are logged with the run's plots to MLflow."""
+        return []
+
+    @classmethod
     def mlflow_metrics(cls, section: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         """(key, value) pairs logged on the stack's MLflow run; default: every number of the section."""
         yield from numeric_leaves(cls.name, section)

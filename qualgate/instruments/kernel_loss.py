@@ -10,6 +10,7 @@ ops, activation rounding). A large kernel share on a lossless-looking algorithm 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from qualgate.run.context import RunContext
 
 _METRICS = ("kl_mean", "same_top1", "ppl_ratio")
+CHART = "plots/kernel_loss.png"  # in the run directory; linked from summary.md
 
 
 class KernelLossSection(BaseModel):
@@ -48,6 +50,45 @@ def simulated_stack(stack: Stack) -> Stack | str:
             return f"layer '{layer.name}' ({layer.kind}/{layer.method}) has no in-process simulation"
         layers.append(twin)
     return Stack(model=stack.model, layers=tuple(layers), name=f"{stack.name} (simulated)")
+
+
+def _rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (stack["name"], section)
+        for stack in report["stacks"]
+        if (section := stack.get("instruments", {}).get("kernel_loss")) and "kernel" in section
+    ]
+
+
+def split_chart(rows: list[tuple[str, dict[str, Any]]], path: Path, title: str) -> None:
+    """Per stack, the deployed KL as two stacked bars: the algorithm's (simulated) and the kernels'
+    (their paired difference, with its interval), on a log axis so Q8_0 and Q2_K read on one chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [name for name, _ in rows]
+    algorithm = [max(s["simulated"]["kl_mean"]["value"], 1e-9) for _, s in rows]
+    kernel = [s["kernel"]["kl_mean"] for _, s in rows]
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.4 * len(rows) + 2), 4.2))
+    positions = range(len(rows))
+    axes.bar(positions, algorithm, color="#4878a8", label="algorithm (simulated in process)")
+    added = [max(k["value"], 0.0) for k in kernel]
+    axes.bar(positions, added, bottom=algorithm, color="#e07b39", label="kernels (deployed - simulated)")
+    for i, (_, s) in enumerate(rows):
+        deployed = s["deployed"]["kl_mean"]["value"]
+        share = s["kernel_share"]
+        label = f"{deployed:.2g}" + (f"\n{share:+.0%} kernel" if share == share else "")
+        axes.annotate(label, (i, max(deployed, algorithm[i])), ha="center", va="bottom", fontsize=8)
+    axes.set_yscale("log")
+    axes.set_xticks(list(positions), names, fontsize=8)
+    axes.set_ylabel("mean KL to the golden")
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=8, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _view(summary: dict[str, Any]) -> dict[str, Any]:
@@ -127,12 +168,18 @@ class KernelLoss(Instrument[KernelLossSection]):
         return [gate(self.finding("kernel_kl", kl, section["n_chunks"], "chunks"))]
 
     @classmethod
+    def charts(cls, report: dict[str, Any], run_dir: Path) -> list[Path]:
+        rows = _rows(report)
+        if not rows:
+            return []
+        path = run_dir / CHART
+        path.parent.mkdir(parents=True, exist_ok=True)
+        split_chart(rows, path, f"{report['pipeline']}: algorithm vs kernel loss")
+        return [path]
+
+    @classmethod
     def summary_lines(cls, report: dict[str, Any]) -> list[str]:
-        rows = [
-            (stack["name"], section)
-            for stack in report["stacks"]
-            if (section := stack.get("instruments", {}).get("kernel_loss")) and "kernel" in section
-        ]
+        rows = _rows(report)
         if not rows:
             return []
         lines = [
@@ -141,6 +188,8 @@ class KernelLoss(Instrument[KernelLossSection]):
             "",
             "KL to the golden simulated in process (the algorithm), as the engine deploys it, and their paired "
             "difference (the engine's kernels).",
+            "",
+            f"![algorithm vs kernel loss]({CHART})",
             "",
             "| stack | algorithm KL | deployed KL | kernel KL [95% CI] | kernel share "
             "| same top-1 algorithm / deployed |",

@@ -41,6 +41,8 @@ def render_plots(report: dict[str, Any], run_dir: Path) -> list[Path]:
     path = out / "kl_distribution.png"
     if plots.kl_distribution(per_token_kl(report, run_dir), path, f"{report['pipeline']}: per-token KL by stack"):
         written.append(path)
+    for instrument in publishers(report):
+        written += instrument.charts(report, run_dir)
     return written
 
 
