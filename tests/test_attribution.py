@@ -193,3 +193,31 @@ def test_kv_sweep_keys_are_the_sensitive_side(tmp_path: Path, _tracking_store: s
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], "tags.`qualgate.kind` = 'kv-sweep'")
     assert runs and "kv_sweep/k_only_2" in runs[0].data.metrics
+
+
+def test_the_attribution_instrument_in_a_pipeline(tmp_path: Path) -> None:
+    """In a run: measured once per quantizer (a stack sharing it reuses the record), a section per stack,
+    the chart linked from summary.md, and no finding of its own (a diagnosis, not a gate)."""
+    pipeline = {
+        "version": 1,
+        "name": "attribution-run",
+        "model": {"path": "bundled:target", "dtype": "float32"},
+        "layers": {"w4": W4, "ng": {"kind": "speculation", "method": "ngram"}},
+        "stacks": [{"layers": ["w4"]}, {"layers": ["w4", "ng"]}],
+        "instruments": {
+            "fidelity": {"golden": str(GOLDEN)},
+            "attribution": {"chunks": 2, "threshold": 0.002, "granularity": "layer"},
+        },
+        "tracking": {"enabled": False},
+    }
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    sections = [s["instruments"].get("attribution") for s in report["stacks"]]
+    assert sections[0] is None, "the baseline has no quantizer to attribute"
+    assert sections[1] == sections[2] and sections[1]["units"][0]["unit"] == "model.layers.0"
+    assert not [f for s in report["stacks"] for f in s["findings"] if f["instrument"] == "attribution"]
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "### Where `w4g64` loses (per layer, 2 chunks)" in summary
+    assert (tmp_path / "run" / "plots" / "attribution_w4g64.png").is_file()

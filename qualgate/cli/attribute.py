@@ -20,25 +20,6 @@ if TYPE_CHECKING:
     from qualgate.instruments.fidelity.instrument import GoldenData
 
 
-def _keep_spec(text: str, layer_spec: dict[str, Any]) -> dict[str, Any] | None:
-    """`--keep full` (no quantization), `--keep bits=8` (the stack's quantizer with these parameters
-    changed) or `--keep method=torchao,bits=8` (another quantizer)."""
-    from qualgate.cli.fidelity import parse_layer
-
-    if text.strip().lower() in ("full", "none", "fp", "full-precision"):
-        return None
-    changes = parse_layer(text)
-    if "kind" in changes:
-        raise ConfigError(f"--keep {text!r}: give a weight quantizer's parameters (method=..., bits=...), not kind")
-    base = {} if "method" in changes and changes["method"] != layer_spec["method"] else dict(layer_spec)
-    return {**base, **changes}
-
-
-def _default_keep(layer_spec: dict[str, Any]) -> dict[str, Any] | None:
-    """The stack's own quantizer at 8 bits when it has a `bits` parameter, else full precision."""
-    return {**layer_spec, "bits": 8} if "bits" in layer_spec else None
-
-
 @dataclass(frozen=True)
 class Setup:
     pipeline: Pipeline
@@ -92,6 +73,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from qualgate.attribution import report
+    from qualgate.attribution.keep import keep_spec as keep_layer_spec
     from qualgate.attribution.sweep import attribute
     from qualgate.attribution.units import find_units
     from qualgate.backends import open_session
@@ -116,7 +98,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
             "over the matrices it quantizes"
         )
     layer_spec = {"method": layer.method, **layer.params.model_dump()}
-    keep_spec = _default_keep(layer_spec) if args.keep is None else _keep_spec(args.keep, layer_spec)
+    keep_spec = keep_layer_spec(args.keep, layer_spec, f"--keep {args.keep!r}")
     keep = None if keep_spec is None else weight_layer(keep_spec, "--keep")
     golden = _subset(setup, args.chunks)
     out = Path(args.out or f"runs/{setup.pipeline.name}/attribution/{stack.name}")

@@ -1,8 +1,8 @@
 """Instruments: ways of measuring a stack against the unoptimized model (base.py: the extension point).
 
 The built-ins register here with the same call a plug-in uses, in the order they measure, report and
-are logged: fidelity, decode path, equivalence, benchmarks, judge, kernel loss (docs/extending.md
-adds one).
+are logged: fidelity, decode path, equivalence, benchmarks, judge, kernel loss, attribution
+(docs/extending.md adds one).
 """
 
 from qualgate.instruments.base import INSTRUMENTS, Instrument, instruments_for, register_instrument
@@ -16,8 +16,13 @@ from qualgate.instruments.kernel_loss import KernelLoss
 for _builtin in (Fidelity, DecodePath, Equivalence, Benchmarks, Judge, KernelLoss):
     register_instrument(_builtin)
 
+from qualgate.attribution.instrument import Attribution  # noqa: E402  (imports the fidelity instrument)
+
+register_instrument(Attribution)
+
 __all__ = [
     "INSTRUMENTS",
+    "Attribution",
     "Benchmarks",
     "DecodePath",
     "Equivalence",
