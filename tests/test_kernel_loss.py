@@ -102,3 +102,16 @@ def test_llamacpp_splits_into_algorithm_and_kernel_loss(tmp_path: Path) -> None:
     assert "### Algorithm vs kernel loss" in summary and "| gguf-q4_k_m |" in summary
     assert "![algorithm vs kernel loss](plots/kernel_loss.png)" in summary
     assert (tmp_path / "run" / "plots" / "kernel_loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_vllm_on_a_cpu_is_simulated_with_the_fp8_format_it_really_stores() -> None:
+    """vLLM's CPU platform turns fp8_e4m3 into fp8_e5m2 without saying so; kernel_loss found it (the e4m3
+    simulation lost 4.6x less than vLLM). Its simulation of an e4m3 cache on a CPU is e5m2."""
+    from qualgate.backends.http.vllm import VLLMBackend
+
+    fp8 = build_layer({"kind": "kv_quant", "method": "fp8"})
+    on_cpu = build_stack({"path": "bundled:target", "device": "cpu"}, [fp8])
+    twin = simulated_stack(on_cpu, VLLMBackend)
+    assert not isinstance(twin, str) and twin.name == "kv-fp8-e5m2 (simulated)"
+    e5m2 = build_layer({"kind": "kv_quant", "method": "fp8", "format": "e5m2"})
+    assert VLLMBackend.simulation(e5m2, on_cpu) is e5m2

@@ -201,6 +201,12 @@ class Backend(ABC):
     @abstractmethod
     def open(self, stack: Stack) -> Session: ...
 
+    @classmethod
+    def simulation(cls, layer: Layer[Any], stack: Stack) -> Layer[Any] | None:
+        """What this engine's version of `layer` is, run in process (kernel_loss): the layer's own
+        simulation unless the engine is known to apply it differently."""
+        return layer.simulation()
+
     def check(self, stack: Stack) -> None:
         unsupported = [layer for layer in stack.layers if not self.supports(layer)]
         if unsupported:

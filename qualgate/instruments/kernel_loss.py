@@ -26,7 +26,7 @@ from qualgate.stack import Stack
 from qualgate.stats import clustered_mean
 
 if TYPE_CHECKING:
-    from qualgate.backends.base import Session
+    from qualgate.backends.base import Backend, Session
     from qualgate.config import Pipeline
     from qualgate.run.context import RunContext
 
@@ -41,15 +41,17 @@ class KernelLossSection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def simulated_stack(stack: Stack) -> Stack | str:
-    """The stack with every layer replaced by its in-process simulation, or why there is none."""
+def simulated_stack(stack: Stack, backend: type[Backend] | None = None) -> Stack | str:
+    """The stack with every layer replaced by its in-process simulation (as `backend` applies it), or
+    why there is none."""
     layers = []
     for layer in stack.layers:
-        twin = layer.simulation()
+        twin = backend.simulation(layer, stack) if backend is not None else layer.simulation()
         if twin is None:
             return f"layer '{layer.name}' ({layer.kind}/{layer.method}) has no in-process simulation"
         layers.append(twin)
-    return Stack(model=stack.model, layers=tuple(layers), name=f"{stack.name} (simulated)")
+    label = Stack(model=stack.model, layers=tuple(layers)).label
+    return Stack(model=stack.model, layers=tuple(layers), name=f"{label} (simulated)")
 
 
 def _rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -95,12 +97,19 @@ def _view(summary: dict[str, Any]) -> dict[str, Any]:
     return {metric: summary[metric] for metric in _METRICS}
 
 
-def paired_split(deployed: dict[str, np.ndarray], simulated: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Deployed minus simulated, per token on the same positions, with chunk-clustered intervals."""
+def paired_split(
+    deployed: dict[str, np.ndarray], simulated: dict[str, np.ndarray], same_estimator: bool = True
+) -> dict[str, Any]:
+    """Deployed minus simulated, per token on the same positions, with chunk-clustered intervals.
+
+    KL is compared with one estimator on both sides: when either side is only the top-k + tail-bucket
+    bound (an HTTP engine returning its own top-k), both sides use the bound, so the difference is the
+    engine's and not the estimators'."""
     if not np.array_equal(deployed["target"], simulated["target"]):
         raise ConfigError("kernel_loss: the deployed and simulated scores cover different tokens")
     chunks = deployed["chunk"]
-    kl = clustered_mean(deployed["kl"] - simulated["kl"], chunks)
+    column = "kl" if same_estimator else "kl_bound"
+    kl = clustered_mean(deployed[column] - simulated[column], chunks)
     top1 = clustered_mean(deployed["same_top1"].astype(float) - simulated["same_top1"].astype(float), chunks)
     ln_ratio = clustered_mean(deployed["nll_candidate"] - simulated["nll_candidate"], chunks)
     return {"kl_mean": kl.as_dict(), "same_top1": top1.as_dict(), "ppl_ratio": ln_ratio.map(np.exp).as_dict()}
@@ -139,7 +148,7 @@ class KernelLoss(Instrument[KernelLossSection]):
         fidelity = self._fidelity(ctx)
         data = fidelity.opened(ctx)
         measured = without_generation_layers(stack)
-        twin = simulated_stack(measured)
+        twin = simulated_stack(measured, ctx.backend)
         if isinstance(twin, str):
             return {"skipped": twin}
         deployed = fidelity_record(data, stack, ctx)
@@ -148,9 +157,13 @@ class KernelLoss(Instrument[KernelLossSection]):
             return open_session(s, "hf")
 
         simulated = fidelity_record(data, twin, ctx, opener=in_process, role="simulated")
-        split = paired_split(per_token(deployed, ctx), per_token(simulated, ctx))
+        kinds = {r["summary"].get("kl_estimator", {}).get("kind", "bound") for r in (deployed, simulated)}
+        split = paired_split(per_token(deployed, ctx), per_token(simulated, ctx), same_estimator=len(kinds) == 1)
+        split["kl_estimator"] = kinds.pop() if len(kinds) == 1 else "bound"
         deployed_kl = deployed["summary"]["kl_mean"]["value"]
         return {
+            # The layers as simulated: where the engine applies a layer differently from its name (vLLM's
+            # CPU fp8_e4m3 cache is e5m2), the simulated stack's name says what was measured.
             "simulated": {"stack": twin.name, **_view(simulated["summary"])},
             "deployed": _view(deployed["summary"]),
             "kernel": split,
