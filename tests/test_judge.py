@@ -303,3 +303,62 @@ def test_injected_instructions_do_not_become_verdicts(server: Any) -> None:
     # Both orders combined (as the instrument does): the injected answer does not win, it ties by position.
     assert combine(honest_first["verdict"], injected_first["verdict"]) == ("tie", False)
     assert client.unparseable == 0
+
+
+def _served_judge_pipeline(tmp_path: Path, **judge: Any) -> Path:
+    path = _judge_pipeline(tmp_path, "unused", **judge)
+    data = yaml.safe_load(path.read_text())
+    data["instruments"]["judge"].pop("base_url")
+    data["instruments"]["judge"].pop("model")
+    data["instruments"]["judge"].update({"serve": "bundled:target", **judge})
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _llama_servers() -> list[str]:
+    found = subprocess.run(["pgrep", "-f", "llama_cpp.server"], capture_output=True, text=True)
+    return found.stdout.split()
+
+
+@pytest.mark.slow
+def test_a_served_judge_starts_with_the_run_and_stops_with_it(tmp_path: Path) -> None:
+    """`serve: bundled:target`: converted to GGUF, served on a free loopback port, judged through the
+    openai client, its log in the run directory, stopped when the run ends; a rerun (records gone) gets
+    the same report from the cached verdicts, keyed by what is served, not by the port."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join((REPO / "evals/judge/prompts.jsonl").read_text().splitlines(keepends=True)[:4]))
+    path = _served_judge_pipeline(tmp_path, prompts=str(prompts), protocols=["pairwise"])
+    before = set(_llama_servers())
+    code = run_pipeline(path, tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    judged = report["stacks"][-1]["instruments"]["judge"]
+    assert judged["judge"]["serve"] == "bundled:target" and judged["judge"]["model"] == "judge"
+    assert judged["pairwise"]["n"] + judged["pairwise"]["unparsed"] == 4
+    assert "Uvicorn running" in (tmp_path / "run" / "engine-logs" / "judge-server.log").read_text()
+    assert set(_llama_servers()) <= before, "the served judge stopped with the run"
+    shutil.rmtree(tmp_path / "run" / "records")
+    assert run_pipeline(path, tmp_path / "run") == code
+    assert json.loads((tmp_path / "run" / "report.json").read_text()) == report
+
+
+@pytest.mark.parametrize(
+    ("judge", "message"),
+    [
+        ({"serve": "bundled:nope"}, "instruments.judge.serve: model path 'bundled:nope': no bundled model"),
+        ({"serve": "/nope"}, "model path '/nope' does not exist"),
+        ({"serve": "/nope/judge.gguf"}, "does not exist"),
+        ({"serve": "bundled:target", "base_url": "http://127.0.0.1:1/v1", "model": "x"}, "exactly one"),
+    ],
+)
+def test_a_bad_served_judge_is_exit_2(tmp_path: Path, judge: dict[str, Any], message: str) -> None:
+    path = _judge_pipeline(tmp_path, "http://127.0.0.1:1/v1")
+    data = yaml.safe_load(path.read_text())
+    section = data["instruments"]["judge"]
+    section.pop("base_url")
+    section.pop("model")
+    section.update(judge)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    done = subprocess.run(
+        [sys.executable, "-m", "qualgate", "validate", str(path)], capture_output=True, text=True, cwd=REPO
+    )
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -87,6 +87,10 @@ class Instrument(ABC, Generic[C]):
     def measure(self, stack: Stack, ctx: RunContext) -> dict[str, Any] | None:
         """The stack's report section (JSON-able), reusing finished work through `ctx.lookup`."""
 
+    def close(self) -> None:
+        """Stop what `measure` started for the run (a served judge); called once every stack is measured,
+        or the run failed."""
+
     @abstractmethod
     def findings(self, section: dict[str, Any], stack: Stack, gate: Gate) -> list[Finding]:
         """Every gated number of the section, each passed through `gate`."""

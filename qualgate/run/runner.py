@@ -125,7 +125,11 @@ class Runner:
             # Where the stacks are measured (this process, or a cluster) changes no byte of the report:
             # the executor hands back the same entries and findings in plan order.
             executor = executor_for(self.pipeline.executor)
-            measured = executor.measure(self, instruments)
+            try:
+                measured = executor.measure(self, instruments)
+            finally:
+                for instrument in instruments:
+                    instrument.close()  # what an instrument started for the run (a served judge) stops with it
             ctx.files.write(EXECUTOR_FILE, json.dumps(executor.placement, indent=1, sort_keys=True).encode())
             # Budgets compare stacks with each other (a step with the one before, a layer alone), so they
             # are judged once every stack is measured.

@@ -33,9 +33,11 @@ class JudgeUnavailable(InfrastructureError):
 
 def judge_identity(config: JudgeConfig) -> dict[str, Any]:
     """What a verdict depends on: where and which judge, how it is asked. Not the key, not concurrency."""
+    # A served judge is known by what it serves, not by the port it got this time: a rerun reuses its verdicts.
+    where = {"serve": config.serve} if config.serve else {"base_url": (config.base_url or "").rstrip("/")}
     return {
-        "base_url": config.base_url.rstrip("/"),
-        "model": config.model,
+        **where,
+        "model": config.model_name,
         "template": TEMPLATE_VERSION,
         "seed": config.seed,
         "structured": config.structured,
@@ -43,7 +45,7 @@ def judge_identity(config: JudgeConfig) -> dict[str, Any]:
 
 
 class JudgeClient:
-    def __init__(self, config: JudgeConfig, cache: Cache | None = None) -> None:
+    def __init__(self, config: JudgeConfig, cache: Cache | None = None, base_url: str | None = None) -> None:
         try:
             import openai
         except ImportError:
@@ -59,7 +61,8 @@ class JudgeClient:
         self.cache = cache
         self.identity = judge_identity(config)
         # The client's own retries are off: ours back off and report the endpoint in one line.
-        self.client = openai.OpenAI(base_url=config.base_url, api_key=key, timeout=config.timeout, max_retries=0)
+        self.base_url = base_url or config.base_url
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=config.timeout, max_retries=0)
         self.errors = (
             openai.APIConnectionError,
             openai.APITimeoutError,
@@ -75,7 +78,7 @@ class JudgeClient:
 
     def _call(self, request: Request, attempt_seed: int) -> str:
         kwargs: dict[str, Any] = {
-            "model": self.config.model,
+            "model": self.config.model_name,
             "messages": request.messages,
             "temperature": 0.0,
             "seed": attempt_seed,
@@ -97,7 +100,7 @@ class JudgeClient:
             except self.errors as exc:
                 if attempt == self.config.max_retries:
                     raise JudgeUnavailable(
-                        f"judge endpoint {self.config.base_url} failed after {attempt + 1} attempts "
+                        f"judge endpoint {self.base_url} failed after {attempt + 1} attempts "
                         f"({exc.__class__.__name__}); finished judgments are kept: rerun to resume"
                     ) from None
                 time.sleep(delay)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Protocol = Literal["pairwise", "single", "reference"]
 DEFAULT_PROTOCOLS: tuple[Protocol, ...] = ("pairwise", "single", "reference")
@@ -13,8 +13,16 @@ DEFAULT_PROTOCOLS: tuple[Protocol, ...] = ("pairwise", "single", "reference")
 class JudgeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    base_url: str = Field(description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    model: str = Field(description="judge model name as the endpoint knows it")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    model: str | None = Field(None, description="judge model name as the endpoint knows it (with serve: judge)")
+    serve: str | None = Field(
+        None,
+        description="a local judge qualgate serves for the run instead of base_url: bundled:NAME, a Llama model "
+        "directory (converted to GGUF) or a .gguf file, on llama-cpp-python's OpenAI-compatible server on a free "
+        "loopback port, stopped with the run",
+    )
+    serve_chat_format: str = Field("chatml", description="llama-cpp-python --chat_format of a served judge")
+    serve_ctx: int = Field(2048, ge=256, description="context of a served judge (prompt, both answers, verdict)")
     api_key_env: str | None = Field(None, description="environment variable holding the API key (never logged)")
     prompts: str = Field("evals/judge/prompts.jsonl", description="JSONL: id, prompt, optional reference")
     protocols: list[Protocol] = Field(default_factory=lambda: list(DEFAULT_PROTOCOLS), min_length=1)
@@ -35,3 +43,20 @@ class JudgeConfig(BaseModel):
     )
     max_unparseable: float = Field(0.2, ge=0, le=1, description="above this share of unparseable verdicts: invalid")
     bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples for intervals")
+
+    @model_validator(mode="after")
+    def _one_endpoint(self) -> JudgeConfig:
+        if (self.base_url is None) == (self.serve is None):
+            raise ValueError(
+                "give base_url (your endpoint, with model) or serve (a local judge qualgate starts), exactly one"
+            )
+        if self.base_url is not None and not self.model:
+            raise ValueError("base_url needs model: the judge model's name as the endpoint knows it")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.model or SERVED_NAME
+
+
+SERVED_NAME = "judge"  # the alias a served judge answers to

@@ -16,6 +16,7 @@ from qualgate.instruments.judge.client import JudgeClient, judge_identity
 from qualgate.instruments.judge.config import JudgeConfig
 from qualgate.instruments.judge.run import answers as judge_answers
 from qualgate.instruments.judge.run import load_prompts, run_judge
+from qualgate.instruments.judge.server import JudgeServer, served_file
 from qualgate.jsonl import read_prompt_rows
 from qualgate.requirements import Need
 from qualgate.stack import Stack
@@ -36,12 +37,15 @@ class Judge(Instrument[JudgeConfig]):
     def __init__(self, config: JudgeConfig) -> None:
         super().__init__(config)
         self._baseline: list[str] | None = None
+        self._server: JudgeServer | None = None
 
     def inputs(self) -> list[str]:
         return [self.config.prompts]
 
     def check(self, pipeline: Pipeline, where: str) -> None:
         read_prompt_rows(Path(self.config.prompts), "judge prompts")
+        if self.config.serve:
+            served_file(self.config.serve, f"{where}: instruments.judge.serve")
         if self.config.chat_template:
             chat.require_template(pipeline.model, f"{where}: instruments.judge.chat_template")
 
@@ -90,12 +94,26 @@ class Judge(Instrument[JudgeConfig]):
         )
         if record is not None:
             return dict(record["summary"])
-        client = JudgeClient(self.config, cache=ctx.store.requests(identity_key({"judge": identity})))
+        cache = ctx.store.requests(identity_key({"judge": identity}))
+        client = JudgeClient(self.config, cache=cache, base_url=self._served(ctx))
         progress = ctx.on_progress
         phases = (lambda phase: progress(f"judge {stack.name} {phase}")) if progress else None
         summary = run_judge(self.config, client, load_prompts(Path(self.config.prompts)), baseline, candidate, phases)
         ctx.put(key, {"stack": stack.name, "summary": summary})
         return summary
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def _served(self, ctx: RunContext) -> str | None:
+        """The served judge's URL, started at its first use in this process (None: config.base_url)."""
+        if not self.config.serve:
+            return None
+        if self._server is None or not self._server.running:
+            self._server = JudgeServer(self.config, ctx.out / "engine-logs" / "judge-server.log").start()
+        return self._server.url
 
     def findings(self, section: dict[str, Any], stack: Stack, gate: Gate) -> list[Finding]:
         if "pairwise" not in section:
