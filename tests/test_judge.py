@@ -336,6 +336,12 @@ def test_a_served_judge_starts_with_the_run_and_stops_with_it(tmp_path: Path) ->
     assert judged["pairwise"]["n"] + judged["pairwise"]["unparsed"] == 4
     assert "Uvicorn running" in (tmp_path / "run" / "engine-logs" / "judge-server.log").read_text()
     assert set(_llama_servers()) <= before, "the served judge stopped with the run"
+    # Every judgment is kept for MLflow: 4 prompts in both orders, and the control's 8.
+    from qualgate.instruments.judge.instrument import Judge
+
+    table = Judge.mlflow_tables(judged, tmp_path / "run")["tables/judgments.json"]
+    assert len(table) == 16 and set(table["protocol"]) == {"pairwise", "control"}
+    assert {"prompt", "answer_a", "answer_b", "order", "verdict", "reply"} <= set(table.columns)
     shutil.rmtree(tmp_path / "run" / "records")
     assert run_pipeline(path, tmp_path / "run") == code
     assert json.loads((tmp_path / "run" / "report.json").read_text()) == report

@@ -158,6 +158,16 @@ class Judge(Instrument[JudgeConfig]):
         return lines
 
     @classmethod
+    def mlflow_tables(cls, section: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+        """Every judgment of the stack (prompt, both answers, order, verdict, the judge's reply), browsable
+        in the stack's run (MLflow's Artifacts tab renders the table)."""
+        if not section.get("judgments"):
+            return {}
+        import pandas as pd
+
+        return {"tables/judgments.json": pd.DataFrame(section["judgments"])}
+
+    @classmethod
     def mlflow_metrics(cls, section: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         pairwise = section.get("pairwise", {})
         for name in ("win", "tie", "loss", "unparsed", "position_consistency", "length_delta"):

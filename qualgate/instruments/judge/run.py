@@ -44,17 +44,46 @@ def nonce(*parts: str) -> str:
 
 
 def _pairwise_outcomes(
-    client: JudgeClient, prompts: list[JudgePrompt], base: list[str], cand: list[str], progress: Any
+    client: JudgeClient,
+    prompts: list[JudgePrompt],
+    base: list[str],
+    cand: list[str],
+    progress: Any,
+    log: list[dict[str, Any]],
+    protocol: str = "pairwise",
 ) -> list[tuple[str, bool]]:
     requests = []
     for p, a, b in zip(prompts, base, cand, strict=True):
         marker = nonce(p.prompt, a, b)
         requests += [protocols.pairwise(p.prompt, a, b, marker), protocols.pairwise(p.prompt, b, a, marker)]
     verdicts = client.judge_all(requests, progress)
+    for i, p in enumerate(prompts):
+        for order, first, second in ((0, base[i], cand[i]), (1, cand[i], base[i])):
+            found = verdicts[2 * i + order]
+            log.append(
+                {
+                    "protocol": protocol,
+                    "id": p.id,
+                    "prompt": p.prompt,
+                    "answer_a": first,
+                    "answer_b": second,
+                    "order": "baseline first" if order == 0 else "candidate first",
+                    "verdict": found["verdict"],
+                    "reply": found["reply"],
+                }
+            )
     return [combine(verdicts[2 * i]["verdict"], verdicts[2 * i + 1]["verdict"]) for i in range(len(prompts))]
 
 
-def _grades(client: JudgeClient, prompts: list[JudgePrompt], texts: list[str], kind: str, progress: Any) -> list[Any]:
+def _grades(
+    client: JudgeClient,
+    prompts: list[JudgePrompt],
+    texts: list[str],
+    kind: str,
+    progress: Any,
+    log: list[dict[str, Any]],
+    side: str,
+) -> list[Any]:
     if kind == "single":
         requests = [protocols.single(p.prompt, t, nonce(p.prompt, t)) for p, t in zip(prompts, texts, strict=True)]
     else:
@@ -62,7 +91,13 @@ def _grades(client: JudgeClient, prompts: list[JudgePrompt], texts: list[str], k
             protocols.reference(p.prompt, t, p.reference or "", nonce(p.prompt, t, p.reference or ""))
             for p, t in zip(prompts, texts, strict=True)
         ]
-    return [r["verdict"] for r in client.judge_all(requests, progress)]
+    found = client.judge_all(requests, progress)
+    for p, text, r in zip(prompts, texts, found, strict=True):
+        log.append(
+            {"protocol": kind, "id": p.id, "prompt": p.prompt, "answer_a": text, "answer_b": None, "order": side,
+             "verdict": r["verdict"], "reply": r["reply"]}
+        )  # fmt: skip
+    return [r["verdict"] for r in found]
 
 
 def run_judge(
@@ -79,8 +114,10 @@ def run_judge(
 
     summary: dict[str, Any] = {"judge": {k: v for k, v in client.identity.items()}, "n_prompts": len(prompts)}
     seed = config.seed
+    # Every judgment (prompt, both answers, order, verdict, the judge's reply): the MLflow table.
+    log: list[dict[str, Any]] = []
     if "pairwise" in config.protocols:
-        outcomes = _pairwise_outcomes(client, prompts, baseline, candidate, bar("pairwise"))
+        outcomes = _pairwise_outcomes(client, prompts, baseline, candidate, bar("pairwise"), log)
         deltas = [len(c) - len(b) for b, c in zip(baseline, candidate, strict=True)]
         summary["pairwise"] = pairwise_summary(outcomes, deltas, config.bootstrap, seed).as_dict()
         summary["per_prompt"] = [
@@ -94,11 +131,11 @@ def run_judge(
         if not chosen:
             continue
         subset = [prompts[i] for i in chosen]
-        base = _grades(client, subset, [baseline[i] for i in chosen], kind, bar(f"{kind} baseline"))
-        cand = _grades(client, subset, [candidate[i] for i in chosen], kind, bar(f"{kind} candidate"))
+        base = _grades(client, subset, [baseline[i] for i in chosen], kind, bar(f"{kind} baseline"), log, "baseline")
+        cand = _grades(client, subset, [candidate[i] for i in chosen], kind, bar(f"{kind} candidate"), log, "candidate")
         summary[kind] = grade_summary(base, cand, config.bootstrap, seed)
     if config.control:
-        control = _pairwise_outcomes(client, prompts, baseline, baseline, bar("control"))
+        control = _pairwise_outcomes(client, prompts, baseline, baseline, bar("control"), log, "control")
         result = pairwise_summary(control, [0] * len(control), config.bootstrap, seed + 1)
         net = result.net_loss
         valid = not (net.low > 0 or net.high < 0)
@@ -111,6 +148,7 @@ def run_judge(
         }
     summary["unparseable"] = client.unparseable
     summary["validity"] = validity(config, summary)
+    summary["judgments"] = log
     return summary
 
 
