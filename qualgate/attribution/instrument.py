@@ -94,7 +94,7 @@ class Attribution(Instrument[AttributionSection]):
     def _sweep(self, layer: Any, data: Any, ctx: RunContext) -> dict[str, Any]:
         from qualgate.attribution.keep import keep_spec
         from qualgate.attribution.report import mixed_layer
-        from qualgate.attribution.sweep import GoldenSubset, attribute, spread
+        from qualgate.attribution.sweep import GoldenSubset, attribute
         from qualgate.backends import open_session
         from qualgate.layers.mixed import weight_layer
         from qualgate.stack import Stack
@@ -102,9 +102,7 @@ class Attribution(Instrument[AttributionSection]):
         assert self.threshold is not None
         layer_spec = {"method": layer.method, **layer.params.model_dump()}
         keep = keep_spec(self.config.keep, layer_spec, f"{ctx.where}: instruments.attribution.keep")
-        with data.reference.rows() as rows:
-            reference = rows.take(data.reference.n)
-        golden = GoldenSubset(data.config, data.chunks, reference, spread(len(data.chunks), self.config.chunks))
+        golden = GoldenSubset.of(data, self.config.chunks)
         options = ctx.pipeline.backend.options if ctx.pipeline.backend.name == "hf" else {}
         with open_session(Stack(model=ctx.pipeline.model), "hf", **options) as session:
             result = attribute(
@@ -182,31 +180,13 @@ class Attribution(Instrument[AttributionSection]):
 
     @classmethod
     def mlflow_metrics(cls, section: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-        if "units" not in section:
-            return
-        yield "attribution/whole_kl", section["whole"]["kl_mean"]["value"]
-        yield "attribution/sum_of_singles", section["sum_of_singles"]
-        yield "attribution/interaction", section["interaction"]
-        yield "attribution/kept", len(section["plan"].get("kept", []))
-        if section["plan"]["found"]:
-            yield "attribution/plan_kl", section["plan"]["verified"]["kl_mean"]["value"]
+        from qualgate.attribution.report import headline_metrics
+
+        if "units" in section:
+            yield from headline_metrics(section).items()
 
     @classmethod
     def mlflow_tables(cls, section: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-        if "units" not in section:
-            return {}
-        import pandas as pd
+        from qualgate.attribution.report import units_table
 
-        rows = [
-            {
-                "unit": r["unit"],
-                "kl_mean": r["kl_mean"]["value"],
-                "kl_low": r["kl_mean"]["low"],
-                "kl_high": r["kl_mean"]["high"],
-                "share": r["share"],
-                "sqnr_db": r["sqnr_db"],
-                "output_cosine": r["output_cosine"],
-            }
-            for r in section["units"]
-        ]
-        return {"tables/attribution.json": pd.DataFrame(rows)}
+        return {"tables/attribution.json": units_table(section["units"])} if "units" in section else {}

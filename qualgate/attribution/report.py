@@ -18,6 +18,42 @@ def mixed_layer(stack_layer: dict[str, Any], keep: dict[str, Any] | None, module
     return {"kind": "weight_quant", "method": "mixed", "base": stack_layer, "keep": keep, "modules": modules}
 
 
+def units_table(units: list[dict[str, Any]]) -> Any:
+    """The per-unit rows as a pandas DataFrame (the MLflow table)."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {
+                "unit": row["unit"],
+                "kl_mean": row["kl_mean"]["value"],
+                "kl_low": row["kl_mean"]["low"],
+                "kl_high": row["kl_mean"]["high"],
+                "share": row["share"],
+                "same_top1": row["same_top1"],
+                "sqnr_db": row["sqnr_db"],
+                "output_cosine": row["output_cosine"],
+            }
+            for row in units
+        ]
+    )
+
+
+def headline_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """What an attribution logs as MLflow metrics."""
+    plan = result["plan"]
+    metrics = {
+        "attribution/whole_kl": result["whole"]["kl_mean"]["value"],
+        "attribution/sum_of_singles": result["sum_of_singles"],
+        "attribution/interaction": result["interaction"],
+        "attribution/sweep_seconds": result["sweep_seconds"],
+        "attribution/kept": float(len(plan.get("kept", []))),
+    }
+    if plan["found"]:
+        metrics["attribution/plan_kl"] = plan["verified"]["kl_mean"]["value"]
+    return metrics
+
+
 def write(out: Path, result: dict[str, Any]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "attribution.json", json.dumps(result, indent=2, allow_nan=True) + "\n")

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     import torch
 
     from qualgate.backends.base import Session
+    from qualgate.instruments.fidelity.instrument import GoldenData
     from qualgate.layers.base import WeightQuantLayer
 
 
@@ -48,11 +50,21 @@ class GoldenSubset:
     reference: TokenScores
     picks: list[int]
 
-    @property
+    @classmethod
+    def of(cls, data: GoldenData, chunks: int, **config: Any) -> GoldenSubset:
+        """A run's golden read whole, `chunks` of its chunks picked over the text; `config` changes how
+        they are scored (block_size for the KV sweep)."""
+        with data.reference.rows() as rows:
+            reference = rows.take(data.reference.n)
+        fidelity = data.config.model_copy(update=config) if config else data.config
+        return cls(fidelity, data.chunks, reference, spread(len(data.chunks), chunks))
+
+    # Computed once: every unit of a sweep scores the same subset.
+    @cached_property
     def sub_chunks(self) -> list[Chunk]:
         return [self.chunks[i] for i in self.picks]
 
-    @property
+    @cached_property
     def sub_reference(self) -> TokenScores:
         return self.reference.select(np.isin(self.reference.chunk, self.picks))
 

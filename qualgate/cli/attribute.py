@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 from qualgate.errors import EXIT_GATE_FAILED, EXIT_PASS, ConfigError
 
 if TYPE_CHECKING:
-    from qualgate.attribution.sweep import GoldenSubset
     from qualgate.config import Pipeline
     from qualgate.instruments.fidelity.instrument import GoldenData
+    from qualgate.plan import PlannedStack
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class Setup:
     where: str
     data: GoldenData
     threshold: float
+    planned: list[PlannedStack]
 
 
 def _setup(args: argparse.Namespace) -> Setup:
@@ -36,7 +37,7 @@ def _setup(args: argparse.Namespace) -> Setup:
 
     where = args.pipeline
     pipeline = load_pipeline(Path(where))
-    preflight(pipeline, where)
+    planned = preflight(pipeline, where).planned
     section = pipeline.config_of(Fidelity)
     if section is None:
         raise ConfigError(f"{where}: {args.command} scores against the fidelity golden; add instruments.fidelity")
@@ -46,17 +47,7 @@ def _setup(args: argparse.Namespace) -> Setup:
     threshold = args.threshold if args.threshold is not None else (tiers.warn or tiers.fail if tiers else None)
     if threshold is None:
         raise ConfigError(f"{where}: gate.kl_mean has no warn or fail tier; pass --threshold")
-    return Setup(pipeline, where, load_golden(section, pipeline.model, where), threshold)
-
-
-def _subset(setup: Setup, chunks: int, **config: Any) -> GoldenSubset:
-    from qualgate.attribution.sweep import GoldenSubset, spread
-
-    data = setup.data
-    with data.reference.rows() as rows:
-        reference = rows.take(data.reference.n)
-    fidelity = data.config.model_copy(update=config) if config else data.config
-    return GoldenSubset(fidelity, data.chunks, reference, spread(len(data.chunks), chunks))
+    return Setup(pipeline, where, load_golden(section, pipeline.model, where), threshold, planned)
 
 
 def _track(args: argparse.Namespace, setup: Setup, kind: str, name: str, **logged: Any) -> None:
@@ -70,21 +61,18 @@ def _track(args: argparse.Namespace, setup: Setup, kind: str, name: str, **logge
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from qualgate.attribution import report
     from qualgate.attribution.keep import keep_spec as keep_layer_spec
-    from qualgate.attribution.sweep import attribute
+    from qualgate.attribution.sweep import GoldenSubset, attribute
     from qualgate.attribution.units import find_units
     from qualgate.backends import open_session
     from qualgate.layers import WeightQuantLayer
     from qualgate.layers.mixed import weight_layer
-    from qualgate.preflight import preflight
     from qualgate.progress import progress
     from qualgate.stack import build_stack
 
     setup = _setup(args)
-    planned = preflight(setup.pipeline, setup.where).planned
+    planned = setup.planned
     # A stack by its name (w4g64+kv-fp8-e4m3) or by the pipeline's layer keys (w4+kv).
     found = [p.stack for p in planned if args.stack in (p.stack.name, "+".join(p.layer_names))]
     if not found:
@@ -100,7 +88,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     layer_spec = {"method": layer.method, **layer.params.model_dump()}
     keep_spec = keep_layer_spec(args.keep, layer_spec, f"--keep {args.keep!r}")
     keep = None if keep_spec is None else weight_layer(keep_spec, "--keep")
-    golden = _subset(setup, args.chunks)
+    golden = GoldenSubset.of(setup.data, args.chunks)
     out = Path(args.out or f"runs/{setup.pipeline.name}/attribution/{stack.name}")
     # In process on the pipeline's model: the quantizer is simulated the same way whatever engine serves it.
     with open_session(build_stack(setup.pipeline.model)) as session:
@@ -118,39 +106,9 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     written = report.write(out, result)
     print("\n".join(report.markdown(result)))
     print(f"\nwritten: {', '.join(str(p) for p in written)}", file=sys.stderr)
-    table = pd.DataFrame(
-        [
-            {
-                "unit": row["unit"],
-                "kl_mean": row["kl_mean"]["value"],
-                "kl_low": row["kl_mean"]["low"],
-                "kl_high": row["kl_mean"]["high"],
-                "share": row["share"],
-                "same_top1": row["same_top1"],
-                "sqnr_db": row["sqnr_db"],
-                "output_cosine": row["output_cosine"],
-            }
-            for row in result["units"]
-        ]
-    )
-    metrics = {
-        "attribution/whole_kl": result["whole"]["kl_mean"]["value"],
-        "attribution/sum_of_singles": result["sum_of_singles"],
-        "attribution/interaction": result["interaction"],
-        "attribution/sweep_seconds": result["sweep_seconds"],
-        "attribution/kept": len(plan.get("kept", [])),
-    }
-    if plan["found"]:
-        metrics["attribution/plan_kl"] = plan["verified"]["kl_mean"]["value"]
-    _track(
-        args,
-        setup,
-        "attribution",
-        f"attribute {stack.name}",
-        tables={"tables/attribution.json": table},
-        files=written,
-        metrics=metrics,
-    )
+    tables = {"tables/attribution.json": report.units_table(result["units"])}
+    metrics = report.headline_metrics(result)
+    _track(args, setup, "attribution", f"attribute {stack.name}", tables=tables, files=written, metrics=metrics)
     return EXIT_PASS if plan["found"] and plan["verified"]["passes"] else EXIT_GATE_FAILED
 
 
@@ -158,6 +116,7 @@ def cmd_kv_sweep(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from qualgate.attribution import kv_sweep
+    from qualgate.attribution.sweep import GoldenSubset
     from qualgate.backends import open_session
     from qualgate.fsio import atomic_write_text
     from qualgate.layers import KVQuantLayer
@@ -173,7 +132,7 @@ def cmd_kv_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--bits {args.bits!r}: bit widths must be between 2 and 8")
     others = [layer for layer in setup.pipeline.built_layers(setup.where).values() if isinstance(layer, KVQuantLayer)]
     others = [layer for layer in others if not layer.engines]  # engine-only caches cannot run in process
-    golden = _subset(setup, args.chunks, block_size=args.block_size)
+    golden = GoldenSubset.of(setup.data, args.chunks, block_size=args.block_size)
     out = Path(args.out or f"runs/{setup.pipeline.name}/kv-sweep")
     with open_session(build_stack(setup.pipeline.model)) as session, progress("kv-sweep") as on_cell:
         result = kv_sweep.kv_sweep(session, golden, bits, args.group_size, setup.threshold, others, on_cell)

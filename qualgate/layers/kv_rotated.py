@@ -27,6 +27,15 @@ def head_dim(config: PretrainedConfig) -> int:
     return int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
 
 
+def check_group_size(config: PretrainedConfig, group_size: int, method: str) -> None:
+    """A cache that groups a head's channels needs groups that divide the model's head_dim."""
+    if head_dim(config) % group_size:
+        raise ConfigError(
+            f"kv_quant/{method}: group_size {group_size} does not divide the model's head_dim {head_dim(config)}; "
+            "use a divisor of it"
+        )
+
+
 class TurboQuantKVParams(LayerParams):
     bits: float = Field(3.0, ge=1.0, le=8.0, description="bits per coordinate on average (with qjl: one is the sketch)")
     qjl: bool = Field(False, description="correct key inner products with a 1-bit QJL sketch of the residual")
@@ -179,11 +188,7 @@ class KiviKV(KVQuantLayer[KiviKVParams]):
         from transformers import Cache
 
         p = self.params
-        if head_dim(config) % p.group_size:
-            raise ConfigError(
-                f"kv_quant/kivi: group_size {p.group_size} does not divide the model's head_dim {head_dim(config)}; "
-                "use a divisor of it"
-            )
+        check_group_size(config, p.group_size, "kivi")
         layer_class = _kivi_layer_class()
         return Cache(layers=[layer_class(p.bits, p.group_size, p.residual_length) for _ in range(layer_count(config))])
 

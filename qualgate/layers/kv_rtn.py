@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, model_validator
 
-from qualgate.errors import ConfigError
 from qualgate.layers.base import KVQuantLayer, LayerParams, register_layer
 from qualgate.layers.kv_quant import layer_count
-from qualgate.layers.kv_rotated import head_dim
+from qualgate.layers.kv_rotated import check_group_size
 
 if TYPE_CHECKING:
     import torch
@@ -72,11 +71,7 @@ class RTNKV(KVQuantLayer[RTNKVParams]):
         from transformers import Cache
 
         p = self.params
-        if head_dim(config) % p.group_size:
-            raise ConfigError(
-                f"kv_quant/rtn: group_size {p.group_size} does not divide the model's head_dim {head_dim(config)}; "
-                "use a divisor of it"
-            )
+        check_group_size(config, p.group_size, "rtn")
         layer_class = _rtn_layer_class()
         return Cache(layers=[layer_class(p.bits_k, p.bits_v, p.group_size) for _ in range(layer_count(config))])
 
