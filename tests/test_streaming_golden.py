@@ -112,3 +112,23 @@ def test_a_golden_damaged_inside_its_topk_arrays_is_refused_before_any_scoring(
     model = build_stack({"path": "bundled:target"}).model
     with pytest.raises(ConfigError, match=r"scores\.npz is unreadable.*re-record it"):
         golden_store.open_reference(damaged, model, domain_text, CONFIG)
+
+
+def test_a_candidate_longer_than_the_reference_is_refused_not_cut() -> None:
+    """Blocks are cut along the reference: positions the candidate has beyond it must not vanish."""
+    from qualgate.instruments.fidelity import TokenScores
+
+    def scores(n: int) -> TokenScores:
+        logprobs = np.log(np.full((n, 2), 0.4))
+        return TokenScores(
+            chunk=np.zeros(n, np.int32),
+            target=np.arange(n),
+            logprob=np.zeros(n),
+            top_ids=np.zeros((n, 2), np.int64),
+            top_logprobs=logprobs,
+            tail_mass=np.full(n, 0.2),
+            gathered=logprobs,
+        )
+
+    with pytest.raises(ConfigError, match="scored different tokens"):
+        compare(scores(3), scores(5))

@@ -144,6 +144,8 @@ class Comparison:
         self.meta: dict[str, Any] | None = None
 
     def add(self, reference: TokenScores, candidate: TokenScores) -> None:
+        if reference.n != candidate.n:  # blocks are cut by the reference: a longer candidate would be cut too
+            raise ConfigError("reference and candidate scored different tokens; use the same text and chunking")
         if self.meta is None:
             self.meta = {
                 "top_k": reference.top_logprobs.shape[1],
