@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from qualgate.errors import ConfigError, InfrastructureError
@@ -40,7 +41,9 @@ def write_failure(path: Path, exc: OSError, needed: int | None = None) -> Infras
 
 def atomic_write(path: Path, data: bytes) -> None:
     """`path` holds `data` whole, or keeps what it held before (never a torn file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Per process and thread: two threads may write the same file at once (a judge's control asks the
+    # same request in both orders); a shared temporary name made one's rename find the file gone.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:

@@ -266,3 +266,17 @@ def test_an_interrupted_equivalence_resumes_per_prompt(tmp_path: Path) -> None:
         resumed = run_equivalence(candidate, reference, prompts, config, checkpoint=checkpoint).summary()
     assert len(calls) == len(prompts) - 2, "finished prompts are not generated again"
     assert resumed == clean
+
+
+def test_threads_writing_the_same_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """A judge's control asks one request in both orders, and both answers are cached under one key by
+    concurrent threads: each write must land whole, none may fail for the other's temporary file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qualgate.fsio import atomic_write
+
+    target = tmp_path / "cache" / "same.json"
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda i: atomic_write(target, b'{"verdict": "tie"}' * 1000), range(200)))
+    assert target.read_bytes() == b'{"verdict": "tie"}' * 1000
+    assert [p.name for p in target.parent.iterdir()] == ["same.json"], "no temporary file left behind"
