@@ -35,7 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # Modules whose slow tests start engine servers (vLLM, llama.cpp) that take every core they are given:
 # two at once on two cores run each about 3x slower, so they share one xdist group (one worker, in turn).
-ENGINE_MODULES = ("test_engine_runs", "test_judge", "test_gpu_check", "test_kernel_loss")
+ENGINE_MODULES = ("test_engine_runs", "test_judge", "test_judge_model", "test_gpu_check", "test_kernel_loss")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids

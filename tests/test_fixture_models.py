@@ -73,6 +73,8 @@ def test_models_are_genuinely_trained() -> None:
 def test_training_script_is_deterministic(tmp_path: Path) -> None:
     settings = ["--max-docs", "40", "--target-steps", "3", "--draft-steps", "3", "--bytes-steps", "3"]
     settings += ["--batch-size", "2", "--seq-len", "64", "--threads", "1"]
+    # The judge too, from the 3-step target: one step of 8 pairs, judged on 8 held-out pairs.
+    settings += ["--judge-questions", "8", "--judge-heldout-questions", "8"]
     # Subprocesses (training switches torch to deterministic, single-threaded mode globally), both at
     # once: one thread each, so they do not share a core's kernels any more than two machines would.
     runs = {
@@ -97,3 +99,7 @@ def test_training_script_is_deterministic(tmp_path: Path) -> None:
         )
     assert outputs[0] == outputs[1]
     assert {"target/model.safetensors", "bytes/model.safetensors", "tokenizer/tokenizer.json"} <= set(outputs[0])
+    assert "judge/model.safetensors" in outputs[0]
+    assert (tmp_path / "a" / "judge_heldout_pairs.jsonl").read_bytes() == (
+        tmp_path / "b" / "judge_heldout_pairs.jsonl"
+    ).read_bytes(), "the held-out pairs are written beside --out, never over the repository's"

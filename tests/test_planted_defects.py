@@ -100,6 +100,7 @@ def test_the_default_pipeline_catches_every_planted_defect(tmp_path: Path, monke
     }
     demo["stacks"] = [{"layers": [name]} for name in demo["layers"]]
     demo["instruments"].pop("benchmarks")
+    demo["instruments"].pop("judge")  # judged in tests/test_judge_model.py; here the planted layers' instruments
     demo["instruments"]["equivalence"]["prompts"] = ["evals/prompts/general.jsonl"]
     demo["tracking"] = {"enabled": False}
     path = tmp_path / "planted.yaml"

@@ -835,26 +835,26 @@ def grades(mean_delta: dict[str, float], wilcoxon_p: float) -> dict[str, Any]:
     }
 
 
-CONTROL_REASON = "baseline against itself: net loss 0.1 [0.02, 0.18] excludes 0"
+CONTROL_REASON = "the baseline against its own words scrambled: net loss 0 [-0.1, 0.1] does not exclude 0"
 CONSISTENCY_REASON = "position consistency 0.55 < 0.7: the verdicts follow the order"
-# a judge that measured the answers: both protocols, an even control
+# a judge that measured the answers: both protocols, a control it saw the damage in
 SPEC_JUDGE = {
     "judge": {"model": "judge-7b"},
     "n_prompts": 40,
     # net loss (7 - 6) / 40 = 0.025; length delta -3.125 characters
     "pairwise": pairwise(6, 27, 7, estimate(0.025, -0.1, 0.15), 0.875, -3.125),
     "single": grades(estimate(-0.1, -0.3, 0.1), 0.31731051),
-    "control": {**pairwise(5, 30, 5, estimate(0.0, -0.1, 0.1), 0.9, 0.0), "valid": True, "reason": "even"},
+    "control": {**pairwise(0, 2, 38, estimate(0.95, 0.875, 1.0), 1.0, 0.0), "valid": True, "reason": "sees"},
     "unparseable": 0,
     "validity": {"valid": True, "reasons": []},
 }
-# a judge that follows the order, its control uneven: the finding is void
+# a judge that follows the order, blind to its control's scrambled answers: the finding is void
 BAD_JUDGE = {
     "judge": {"model": "judge-1b"},
     "n_prompts": 40,
     "pairwise": pairwise(2, 30, 8, estimate(0.15, 0.05, 0.25), 0.55123, 12.0),
     "control": {
-        **pairwise(1, 33, 5, estimate(0.1, 0.02, 0.18), 0.6, 0.0),
+        **pairwise(5, 30, 5, estimate(0.0, -0.1, 0.1), 0.6, 0.0),
         "valid": False,
         "reason": CONTROL_REASON,
     },
@@ -872,8 +872,8 @@ JUDGE_HEADER = [
     "| --- | --- | --- | --- | --- | --- | --- |",
 ]
 JUDGE_ROWS = [
-    "| `spec` | 6 / 27 / 7 | 0.025 [-0.1, 0.15] | 0.875 | -3.125 | -0.1 (0.3173) | even |",
-    "| `bad` | 2 / 30 / 8 | 0.15 [0.05, 0.25] | 0.5512 | 12 | - | UNEVEN — finding INVALID: "
+    "| `spec` | 6 / 27 / 7 | 0.025 [-0.1, 0.15] | 0.875 | -3.125 | -0.1 (0.3173) | sees damage |",
+    "| `bad` | 2 / 30 / 8 | 0.15 [0.05, 0.25] | 0.5512 | 12 | - | BLIND — finding INVALID: "
     f"{CONTROL_REASON}; {CONSISTENCY_REASON} |",
     "| `bare` | - / - / - | - [-, -] | - | - | 0.5 (1) | - |",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -133,6 +134,30 @@ class Instrument(ABC, Generic[C]):
     def mlflow_tables(cls, section: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         """Artifact path -> pandas DataFrame (MLflow tables) or Path (a file) for the stack's run."""
         return {}
+
+    @classmethod
+    def mlflow_traces(cls, section: dict[str, Any]) -> list[TraceRecord]:
+        """GenAI traces with assessments for the stack's run (MLflow's trace and evaluation views)."""
+        return []
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """A judge's feedback on one trace: name, value, the reply it came from, who gave it."""
+
+    name: str
+    value: Any
+    rationale: str
+    source: str
+
+
+@dataclass(frozen=True)
+class TraceRecord:
+    name: str
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+    tags: dict[str, str]
+    assessments: list[Assessment]
 
 
 def numeric_leaves(prefix: str, tree: Any) -> Iterator[tuple[str, Any]]:

@@ -101,6 +101,8 @@ def upload(run_dir: Path, report: dict[str, Any], state: TrackingState, uri: str
                         tracker.log_artifact(child_id, table, str(Path(artifact).parent))
                     else:
                         tracker.log_table(child_id, table, artifact)
+                if kind:
+                    tracker.log_traces(child_id, state.experiment_id or "", kind.mlflow_traces(section))
             tracker.log_datasets(child_id, report["provenance"].get("data", []), Path.cwd())
 
     try:

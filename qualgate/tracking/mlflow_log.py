@@ -14,12 +14,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qualgate.errors import ConfigError, InfrastructureError, MissingDependencyError
 from qualgate.redact import cap
 from qualgate.tracking.layout import RunLayout, RunSpec
 from qualgate.tracking.state import TrackingState
+
+if TYPE_CHECKING:
+    from qualgate.instruments.base import TraceRecord
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # current MLflow's own default: a SQLite file in the working directory
 COMPLETE_TAG = "qualgate.complete"
@@ -159,6 +162,44 @@ class Tracker:
         self._call(
             f"upload table {artifact_file}", self.client.log_table, run_id, data=data, artifact_file=artifact_file
         )
+
+    def log_traces(self, run_id: str, experiment_id: str, traces: Sequence[TraceRecord]) -> None:
+        """GenAI traces linked to the run, each with its assessments (MLflow's Traces tab and evaluation
+        view browse them). The trace exporter writes to the process-wide tracking URI, so it is pointed
+        at this store for the upload, synchronously: a trace must exist before feedback can reference it."""
+        if not traces:
+            return
+        import mlflow
+        from mlflow.entities import AssessmentSource, AssessmentSourceType
+
+        os.environ["MLFLOW_ENABLE_ASYNC_TRACE_LOGGING"] = "false"
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            for trace in traces:
+                span = self._call(
+                    f"start trace {trace.name}",
+                    self.client.start_trace,
+                    name=trace.name,
+                    inputs=trace.inputs,
+                    tags=trace.tags,
+                    experiment_id=experiment_id,
+                    run_id=run_id,
+                )
+                self._call(f"end trace {trace.name}", self.client.end_trace, span.trace_id, outputs=trace.outputs)
+                for found in trace.assessments:
+                    source = AssessmentSource(source_type=AssessmentSourceType.LLM_JUDGE, source_id=found.source)
+                    self._call(
+                        f"log feedback {found.name}",
+                        mlflow.log_feedback,
+                        trace_id=span.trace_id,
+                        name=found.name,
+                        value=found.value,
+                        rationale=found.rationale,
+                        source=source,
+                    )
+        finally:
+            mlflow.set_tracking_uri(previous)
 
     def log_datasets(self, run_id: str, data: list[dict[str, str]], base: Path) -> None:
         from mlflow.data.meta_dataset import MetaDataset

@@ -1,5 +1,6 @@
 """The judge instrument: each stack's answers against the baseline's, judged pairwise in both orders by
-an LLM behind any OpenAI-compatible endpoint, with a baseline-vs-baseline control and validity rules."""
+an LLM behind any OpenAI-compatible endpoint, with a sensitivity control (the baseline against its own
+answers scrambled) and validity rules."""
 
 from __future__ import annotations
 
@@ -11,12 +12,21 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from qualgate import chat
 from qualgate.fmt import fmt, interval
 from qualgate.gate import Finding
-from qualgate.instruments.base import Gate, Instrument, Tiers, estimate_metrics, sections
+from qualgate.instruments.base import (
+    Assessment,
+    Gate,
+    Instrument,
+    Tiers,
+    TraceRecord,
+    estimate_metrics,
+    sections,
+)
 from qualgate.instruments.judge.client import JudgeClient, judge_identity
 from qualgate.instruments.judge.config import JudgeConfig
 from qualgate.instruments.judge.run import answers as judge_answers
 from qualgate.instruments.judge.run import load_prompts, run_judge
 from qualgate.instruments.judge.server import JudgeServer, served_file
+from qualgate.instruments.judge.stats import combine
 from qualgate.jsonl import read_prompt_rows
 from qualgate.requirements import Need
 from qualgate.stack import Stack
@@ -152,7 +162,7 @@ class Judge(Instrument[JudgeConfig]):
                 f"| `{name}` | {p.get('win', '-')} / {p.get('tie', '-')} / {p.get('loss', '-')} | "
                 f"{interval(net)} | "
                 f"{fmt(p.get('position_consistency'))} | {fmt(p.get('length_delta'))} | {grade} | "
-                f"{('even' if control['valid'] else 'UNEVEN') if control else '-'}"
+                f"{('sees damage' if control['valid'] else 'BLIND') if control else '-'}"
                 f"{'' if valid else ' — finding INVALID: ' + '; '.join(j['validity']['reasons'])} |"
             )
         return lines
@@ -166,6 +176,34 @@ class Judge(Instrument[JudgeConfig]):
         import pandas as pd
 
         return {"tables/judgments.json": pd.DataFrame(section["judgments"])}
+
+    @classmethod
+    def mlflow_traces(cls, section: dict[str, Any]) -> list[TraceRecord]:
+        """One trace per prompt judged pairwise: the question and both answers in, the outcome for the
+        candidate out, with the judge's verdict in each order as feedback (its reply as the rationale),
+        so MLflow's trace view lists and filters them by outcome."""
+        judge = str(section.get("judge", {}).get("model", "judge"))
+        rows = [j for j in section.get("judgments", []) if j["protocol"] == "pairwise"]
+        by_prompt: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_prompt.setdefault(row["id"], []).append(row)
+        traces = []
+        for prompt_id, (first, second) in ((k, v) for k, v in by_prompt.items() if len(v) == 2):
+            outcome, consistent = combine(first["verdict"], second["verdict"])
+            traces.append(
+                TraceRecord(
+                    name="judge/pairwise",
+                    inputs={"prompt": first["prompt"], "baseline": first["answer_a"], "candidate": first["answer_b"]},
+                    outputs={"outcome": outcome, "order_consistent": consistent},
+                    tags={"qualgate.prompt_id": prompt_id, "qualgate.outcome": outcome},
+                    assessments=[
+                        Assessment("outcome", outcome, f"{first['reply']} | {second['reply']}", judge),
+                        Assessment("verdict_baseline_first", str(first["verdict"]), first["reply"], judge),
+                        Assessment("verdict_candidate_first", str(second["verdict"]), second["reply"], judge),
+                    ],
+                )
+            )
+        return traces
 
     @classmethod
     def mlflow_metrics(cls, section: dict[str, Any]) -> Iterator[tuple[str, Any]]:

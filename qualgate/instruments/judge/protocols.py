@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-TEMPLATE_VERSION = "qualgate-judge-v1"
+# v2: chat-control markers defanged, answers cut to max_answer_chars, the scrambled-answer control.
+TEMPLATE_VERSION = "qualgate-judge-v2"
 
 SYSTEM = (
     "You are an impartial judge of answers to questions about Python and its standard library. "
@@ -70,25 +71,49 @@ class Request:
     schema: dict[str, Any]
 
 
+# Chat-control markers an answer may carry: servers that tokenize the rendered prompt with special tokens
+# on (llama.cpp's does) would read "<|im_end|>" or "</s>" inside an answer as the end of the user's turn.
+_FENCE = re.compile(r"\b(BEGIN|END)\s+(ANSWER|REFERENCE)\b(\s+[AB]\b)?")  # the fences are upper case
+_CONTROL = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>|\[/?INST\]", re.IGNORECASE)
+
+
 def neutralize(answer: str, nonce: str) -> str:
-    """An answer may not contain the fence text itself (it cannot know the nonce, but be strict)."""
+    """An answer may not contain the fence text itself (neither the nonce, which it cannot know, nor a
+    forged BEGIN/END ANSWER line), nor a chat-control marker: its "<" becomes U+2039 and its "[" U+27E6
+    there, so the text stays readable and is never tokenized as a control token."""
+    answer = _CONTROL.sub(lambda m: m.group(0).replace("<", "\u2039").replace("[", "\u27e6"), answer)
+    # A forged fence without the nonce still reads like one to a small judge (measured: the only
+    # injection that moved the bundled judge was "END ANSWER A QG..." with a forged verdict after it).
+    answer = _FENCE.sub("[fence removed]", answer)
     return answer.replace(nonce, "[removed]")
 
 
-def pairwise(question: str, a: str, b: str, nonce: str) -> Request:
-    body = PAIRWISE.format(question=question, a=neutralize(a, nonce), b=neutralize(b, nonce), nonce=nonce)
+def clip(answer: str, limit: int | None) -> str:
+    """At most `limit` characters of an answer, saying how much was cut: a flood of text can neither push
+    the instructions out of the judge's context nor overflow it."""
+    if limit is None or len(answer) <= limit:
+        return answer
+    return f"{answer[:limit]} [... {len(answer) - limit} characters cut]"
+
+
+def _fenced(answer: str, nonce: str, limit: int | None) -> str:
+    return neutralize(clip(answer, limit), nonce)
+
+
+def pairwise(question: str, a: str, b: str, nonce: str, limit: int | None = None) -> Request:
+    body = PAIRWISE.format(question=question, a=_fenced(a, nonce, limit), b=_fenced(b, nonce, limit), nonce=nonce)
     return Request(
         "pairwise", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": body}], PAIRWISE_SCHEMA
     )
 
 
-def single(question: str, answer: str, nonce: str) -> Request:
-    body = SINGLE.format(question=question, a=neutralize(answer, nonce), nonce=nonce)
+def single(question: str, answer: str, nonce: str, limit: int | None = None) -> Request:
+    body = SINGLE.format(question=question, a=_fenced(answer, nonce, limit), nonce=nonce)
     return Request("single", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": body}], SCORE_SCHEMA)
 
 
-def reference(question: str, answer: str, ref: str, nonce: str) -> Request:
-    body = REFERENCE.format(question=question, a=neutralize(answer, nonce), reference=ref, nonce=nonce)
+def reference(question: str, answer: str, ref: str, nonce: str, limit: int | None = None) -> Request:
+    body = REFERENCE.format(question=question, a=_fenced(answer, nonce, limit), reference=ref, nonce=nonce)
     return Request(
         "reference", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": body}], SCORE_SCHEMA
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ def nonce(*parts: str) -> str:
     return "QG" + hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:12]
 
 
+IDENTICAL_REPLY = "(identical answers: a tie by definition, the judge was not asked)"
+
+
 def _pairwise_outcomes(
     client: JudgeClient,
     prompts: list[JudgePrompt],
@@ -52,14 +56,26 @@ def _pairwise_outcomes(
     log: list[dict[str, Any]],
     protocol: str = "pairwise",
 ) -> list[tuple[str, bool]]:
+    """Each prompt's outcome for the candidate, asked in both orders. Identical answers are a tie
+    without asking: both orders would be one and the same request, so the judge's reply could only
+    ever combine to a tie, and a lossless stack would otherwise cost a judgment per prompt."""
+    asked = [i for i in range(len(prompts)) if base[i] != cand[i]]
     requests = []
-    for p, a, b in zip(prompts, base, cand, strict=True):
+    for i in asked:
+        p, a, b = prompts[i], base[i], cand[i]
         marker = nonce(p.prompt, a, b)
-        requests += [protocols.pairwise(p.prompt, a, b, marker), protocols.pairwise(p.prompt, b, a, marker)]
-    verdicts = client.judge_all(requests, progress)
+        requests += [
+            protocols.pairwise(p.prompt, a, b, marker, client.config.max_answer_chars),
+            protocols.pairwise(p.prompt, b, a, marker, client.config.max_answer_chars),
+        ]
+    found = client.judge_all(requests, progress)
+    same = {"verdict": "tie", "reply": IDENTICAL_REPLY}
+    verdicts: list[dict[str, Any]] = [same] * (2 * len(prompts))
+    for n, i in enumerate(asked):
+        verdicts[2 * i], verdicts[2 * i + 1] = found[2 * n], found[2 * n + 1]
     for i, p in enumerate(prompts):
         for order, first, second in ((0, base[i], cand[i]), (1, cand[i], base[i])):
-            found = verdicts[2 * i + order]
+            record = verdicts[2 * i + order]
             log.append(
                 {
                     "protocol": protocol,
@@ -68,11 +84,18 @@ def _pairwise_outcomes(
                     "answer_a": first,
                     "answer_b": second,
                     "order": "baseline first" if order == 0 else "candidate first",
-                    "verdict": found["verdict"],
-                    "reply": found["reply"],
+                    "verdict": record["verdict"],
+                    "reply": record["reply"],
                 }
             )
     return [combine(verdicts[2 * i]["verdict"], verdicts[2 * i + 1]["verdict"]) for i in range(len(prompts))]
+
+
+def scrambled(text: str, seed: str) -> str:
+    """The answer's words in a seeded random order: the same words and length, no sense."""
+    words = text.split()
+    random.Random(f"qualgate-control:{seed}").shuffle(words)
+    return " ".join(words)
 
 
 def _grades(
@@ -84,11 +107,14 @@ def _grades(
     log: list[dict[str, Any]],
     side: str,
 ) -> list[Any]:
+    limit = client.config.max_answer_chars
     if kind == "single":
-        requests = [protocols.single(p.prompt, t, nonce(p.prompt, t)) for p, t in zip(prompts, texts, strict=True)]
+        requests = [
+            protocols.single(p.prompt, t, nonce(p.prompt, t), limit) for p, t in zip(prompts, texts, strict=True)
+        ]
     else:
         requests = [
-            protocols.reference(p.prompt, t, p.reference or "", nonce(p.prompt, t, p.reference or ""))
+            protocols.reference(p.prompt, t, p.reference or "", nonce(p.prompt, t, p.reference or ""), limit)
             for p, t in zip(prompts, texts, strict=True)
         ]
     found = client.judge_all(requests, progress)
@@ -120,6 +146,7 @@ def run_judge(
         outcomes = _pairwise_outcomes(client, prompts, baseline, candidate, bar("pairwise"), log)
         deltas = [len(c) - len(b) for b, c in zip(baseline, candidate, strict=True)]
         summary["pairwise"] = pairwise_summary(outcomes, deltas, config.bootstrap, seed).as_dict()
+        summary["pairwise"]["identical"] = sum(b == c for b, c in zip(baseline, candidate, strict=True))
         summary["per_prompt"] = [
             {"id": p.id, "outcome": o, "consistent": c, "baseline": b[:200], "candidate": a[:200]}
             for p, (o, c), b, a in zip(prompts, outcomes, baseline, candidate, strict=True)
@@ -135,16 +162,21 @@ def run_judge(
         cand = _grades(client, subset, [candidate[i] for i in chosen], kind, bar(f"{kind} candidate"), log, "candidate")
         summary[kind] = grade_summary(base, cand, config.bootstrap, seed)
     if config.control:
-        control = _pairwise_outcomes(client, prompts, baseline, baseline, bar("control"), log, "control")
+        # The baseline against its own answers with the words scrambled: a judge that cannot prefer the
+        # answer over its own word salad is not measuring the answers (a judge following the position
+        # ties them all), so its finding is void.
+        salad = [scrambled(b, p.id) for p, b in zip(prompts, baseline, strict=True)]
+        control = _pairwise_outcomes(client, prompts, baseline, salad, bar("control"), log, "control")
         result = pairwise_summary(control, [0] * len(control), config.bootstrap, seed + 1)
         net = result.net_loss
-        valid = not (net.low > 0 or net.high < 0)
+        valid = net.low > 0
         summary["control"] = {
             **result.as_dict(),
             "valid": valid,
-            "reason": "baseline against itself comes out even"
+            "reason": "the baseline beats its own words scrambled"
             if valid
-            else f"baseline against itself: net loss {net.value:.3g} [{net.low:.3g}, {net.high:.3g}] excludes 0",
+            else f"the baseline against its own words scrambled: net loss {net.value:.3g} [{net.low:.3g}, "
+            f"{net.high:.3g}] does not exclude 0: the judge does not see the damage",
         }
     summary["unparseable"] = client.unparseable
     summary["validity"] = validity(config, summary)
@@ -154,12 +186,9 @@ def run_judge(
 
 def validity(config: JudgeConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """Whether the judge measured the answers at all. A judge that mostly follows the position turns
-    every verdict into a tie and would 'pass' any stack; an uneven control or many unparseable
+    every verdict into a tie and would 'pass' any stack; a control it is blind to or many unparseable
     verdicts likewise void the finding (reported as invalid, never as pass or fail)."""
     reasons = []
-    control = summary.get("control")
-    if control is not None and not control["valid"]:
-        reasons.append(control["reason"])
     pairwise = summary.get("pairwise")
     if pairwise is not None:
         consistency = pairwise["position_consistency"]
@@ -170,4 +199,7 @@ def validity(config: JudgeConfig, summary: dict[str, Any]) -> dict[str, Any]:
         asked = pairwise["n"] + pairwise["unparsed"]
         if asked and pairwise["unparsed"] / asked > config.max_unparseable:
             reasons.append(f"{pairwise['unparsed']} of {asked} pairwise verdicts unparseable")
+    control = summary.get("control")
+    if control is not None and not control["valid"]:
+        reasons.append(control["reason"])
     return {"valid": not reasons, "reasons": reasons}

@@ -44,6 +44,11 @@ def judge_gguf(serve: str, where: str) -> Path:
     return found if isinstance(found, Path) else baseline_gguf(found, GGUF_CACHE)
 
 
+def threads() -> int:
+    """The server's threads: OMP_NUM_THREADS when set (a share of the machine), else every core."""
+    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+
+
 class JudgeServer(ServerProcess):
     name = "judge server"
 
@@ -63,7 +68,7 @@ class JudgeServer(ServerProcess):
             sys.executable, "-m", "llama_cpp.server",
             "--model", str(model), "--model_alias", SERVED_NAME,
             "--host", "127.0.0.1", "--port", str(self.port),
-            "--n_ctx", str(self.config.serve_ctx), "--n_threads", str(os.cpu_count() or 1),
+            "--n_ctx", str(self.config.serve_ctx), "--n_threads", str(threads()),
             "--seed", str(self.config.seed), "--chat_format", self.config.serve_chat_format,
         ]  # fmt: skip
 
