@@ -32,7 +32,7 @@ def _heldout_ppl(session: Any, ids: list[int]) -> float:
 def test_models_are_small_and_shaped_as_the_card_says() -> None:
     card = model_card()
     size = sum(p.stat().st_size for p in MODELS_DIR.rglob("*.safetensors"))
-    assert size < 30 * 2**20
+    assert size < 50 * 2**20  # the judge (a fine-tuned copy of the target, float32) adds 20 MB
     target, draft = card["models"]["target"], card["models"]["draft"]
     assert target["shape"]["num_attention_heads"] == 8 and target["shape"]["num_key_value_heads"] == 2
     assert 2e6 < target["parameters"] < 1e7
@@ -49,7 +49,7 @@ def test_bundled_domain_text_is_the_heldout_split(domain_text: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", BUNDLED_MODELS)
+@pytest.mark.parametrize("name", [m for m in BUNDLED_MODELS if m != "judge"])  # the judge: its own card figures
 def test_card_perplexity_reproduces_from_the_committed_weights(name: str, domain_text: str) -> None:
     card = model_card()
     with open_session(build_stack({"path": f"bundled:{name}"})) as session:
