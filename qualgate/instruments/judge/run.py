@@ -47,7 +47,7 @@ def nonce(*parts: str) -> str:
 IDENTICAL_REPLY = "(identical answers: a tie by definition, the judge was not asked)"
 
 
-def _pairwise_outcomes(
+def pairwise_outcomes(
     client: JudgeClient,
     prompts: list[JudgePrompt],
     base: list[str],
@@ -143,7 +143,7 @@ def run_judge(
     # Every judgment (prompt, both answers, order, verdict, the judge's reply): the MLflow table.
     log: list[dict[str, Any]] = []
     if "pairwise" in config.protocols:
-        outcomes = _pairwise_outcomes(client, prompts, baseline, candidate, bar("pairwise"), log)
+        outcomes = pairwise_outcomes(client, prompts, baseline, candidate, bar("pairwise"), log)
         deltas = [len(c) - len(b) for b, c in zip(baseline, candidate, strict=True)]
         summary["pairwise"] = pairwise_summary(outcomes, deltas, config.bootstrap, seed).as_dict()
         summary["pairwise"]["identical"] = sum(b == c for b, c in zip(baseline, candidate, strict=True))
@@ -166,7 +166,7 @@ def run_judge(
         # answer over its own word salad is not measuring the answers (a judge following the position
         # ties them all), so its finding is void.
         salad = [scrambled(b, p.id) for p, b in zip(prompts, baseline, strict=True)]
-        control = _pairwise_outcomes(client, prompts, baseline, salad, bar("control"), log, "control")
+        control = pairwise_outcomes(client, prompts, baseline, salad, bar("control"), log, "control")
         result = pairwise_summary(control, [0] * len(control), config.bootstrap, seed + 1)
         net = result.net_loss
         valid = net.low > 0
