@@ -148,8 +148,8 @@ def test_every_pairwise_judgment_is_a_trace_with_assessments_in_mlflow(judged_ru
         [tracking["experiment_id"]], f"tags.mlflow.parentRunId = '{tracking['parent_run_id']}'"
     )
     child = next(r for r in children if r.info.run_name.startswith("w2"))
-    mlflow.set_tracking_uri(server.url)
-    traces = mlflow.search_traces(locations=[tracking["experiment_id"]], run_id=child.info.run_id, return_type="list")
+    # The client's own URI: mlflow.set_tracking_uri would leak this (soon dead) server into later tests.
+    traces = client.search_traces(locations=[tracking["experiment_id"]], run_id=child.info.run_id)
     assert {t.info.tags["qualgate.prompt_id"] for t in traces} == judged_prompts
     trace = traces[0]
     names = {a.name for a in trace.info.assessments}

@@ -129,6 +129,35 @@ def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert resolve_uri("http://cli:5000", "http://pipe:5000") == "http://cli:5000"
 
 
+def test_traces_land_in_the_trackers_store_and_leave_the_process_uri_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trace exporter needs MLflow's process-wide URI; after the upload the caller's URI (variable and
+    module global) is exactly as it was, so a later run in the same process does not log to this store."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    from qualgate.instruments.base import Assessment, TraceRecord
+
+    caller = f"sqlite:///{tmp_path / 'caller.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", caller)
+    monkeypatch.delenv("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", raising=False)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    client = mlflow.MlflowClient(store)
+    experiment = client.create_experiment("traces")
+    run_id = client.create_run(experiment).info.run_id
+    record = TraceRecord("judge p1", {"prompt": "Q"}, {"outcome": "loss"}, {"qualgate.prompt_id": "p1"},
+                         [Assessment("outcome", "loss", "B then A", "bundled:judge")])  # fmt: skip
+    Tracker(store).log_traces(run_id, experiment, [record])
+    assert os.environ["MLFLOW_TRACKING_URI"] == caller and tracking_utils._tracking_uri is None
+    assert "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING" not in os.environ
+    assert mlflow.get_tracking_uri() == caller
+    (trace,) = client.search_traces(locations=[experiment], run_id=run_id)
+    assert trace.info.tags["qualgate.prompt_id"] == "p1"
+    assert [(a.name, a.value) for a in trace.info.assessments] == [("outcome", "loss")]
+
+
 @pytest.mark.slow
 def test_default_run_leaves_a_local_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No server, no URI: the run lands in ./mlflow.db with artifacts beside it."""

@@ -13,6 +13,7 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,6 +28,32 @@ if TYPE_CHECKING:
 DEFAULT_URI = "sqlite:///mlflow.db"  # current MLflow's own default: a SQLite file in the working directory
 COMPLETE_TAG = "qualgate.complete"
 T = TypeVar("T")
+
+
+@contextmanager
+def _process_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's trace exporter writes to the process-wide tracking URI: point it at `uri`, synchronously
+    (a trace must exist before feedback can reference it), then put back exactly what was there, the
+    module global, MLFLOW_TRACKING_URI and the async switch. `mlflow.set_tracking_uri(previous)` would
+    not: it pins the global and the variable, so a caller's later change of the variable (or a test's)
+    would be ignored, or a dead server's address would outlive the run."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING")
+    saved_env = {name: os.environ.get(name) for name in names}
+    saved_global = tracking_utils._tracking_uri
+    os.environ["MLFLOW_ENABLE_ASYNC_TRACE_LOGGING"] = "false"
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_global)  # type: ignore[arg-type]  # None unsets it, as before
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class TrackingError(InfrastructureError):
@@ -172,10 +199,7 @@ class Tracker:
         import mlflow
         from mlflow.entities import AssessmentSource, AssessmentSourceType
 
-        os.environ["MLFLOW_ENABLE_ASYNC_TRACE_LOGGING"] = "false"
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
-        try:
+        with _process_tracking_uri(self.uri):
             for trace in traces:
                 span = self._call(
                     f"start trace {trace.name}",
@@ -198,8 +222,6 @@ class Tracker:
                         rationale=found.rationale,
                         source=source,
                     )
-        finally:
-            mlflow.set_tracking_uri(previous)
 
     def log_datasets(self, run_id: str, data: list[dict[str, str]], base: Path) -> None:
         from mlflow.data.meta_dataset import MetaDataset
