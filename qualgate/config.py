@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from qualgate.budgets import check_budgets
 from qualgate.claims import Claim
+from qualgate.controls import Control, check_controls
 from qualgate.errors import ConfigError
 from qualgate.gate import METRIC_DIRECTION
 from qualgate.instruments import Instrument, instruments_for
@@ -101,6 +102,8 @@ class Pipeline(Strict):
     budgets: dict[str, dict[str, float]] = Field(default_factory=dict)
     # Published statements checked against this run's numbers (qualgate/claims.py); they do not gate.
     claims: list[Claim] = Field(default_factory=list)
+    # Known-bad stacks the run must fail (qualgate/controls.py): proof that the instruments can fail.
+    controls: list[Control] = Field(default_factory=list)
     tracking: TrackingConfig = TrackingConfig()
     executor: ExecutorConfig = ExecutorConfig()
 
@@ -221,6 +224,9 @@ def load_pipeline(path: Path) -> Pipeline:
                         f"{where}: stacks[{i}].layers names '{name}', which is not in layers; "
                         f"{did_you_mean(name, list(pipeline.layers))}"
                     )
+    running = sorted({i.name for i in pipeline.active_instruments()})
+    stacks = [tuple(s.layers) for s in pipeline.stacks] if pipeline.stacks != "auto" else []
+    check_controls(pipeline.controls, pipeline.layers, stacks, running, where)
     for instrument in pipeline.active_instruments():
         for inst_path in instrument.inputs():
             if not Path(inst_path).exists():

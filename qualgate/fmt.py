@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# A status as the tables, logs and JUnit messages print it.
+ICON = {"pass": "PASS", "inconclusive": "INCONCLUSIVE", "warn": "WARN", "fail": "FAIL", "error": "ERROR"}
+
 
 def fmt(x: Any, digits: int = 4) -> str:
     if x is None:

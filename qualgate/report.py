@@ -5,25 +5,28 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree as ET
 
 from qualgate import report_model
 from qualgate.claims import summary_lines as claim_lines
+from qualgate.controls import control_label
+from qualgate.controls import summary_lines as control_lines
 from qualgate.errors import ConfigError
-from qualgate.fmt import fmt, interval
+from qualgate.fmt import ICON, fmt, interval
 from qualgate.fsio import atomic_write_text, write_failure
 from qualgate.instruments.base import publishers
+from qualgate.junit import junit
 
-ICON = {"pass": "PASS", "inconclusive": "INCONCLUSIVE", "warn": "WARN", "fail": "FAIL", "error": "ERROR"}
 GITHUB_SUMMARY_LIMIT = 1 << 20  # GitHub drops step summaries over 1 MiB
 
 
 def verdict_label(result: dict[str, Any]) -> str:
     """A report's or a stack's verdict, with what came only from inconclusive findings said apart:
     "WARN (inconclusive)" is a lack of samples under the policy, not measured degradation."""
+    control = control_label(result)
+    if control is not None:
+        return control
     label = ICON[result["verdict"]]
     inconclusive = result.get("inconclusive") or []
     count = inconclusive if isinstance(inconclusive, int) else len(inconclusive)
@@ -79,6 +82,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{fmt(row['ln_ppl_ratio']['vs_baseline'])} | {fmt(row['top1_loss']['vs_baseline'])} |"
             )
     lines += _budget_lines(report)
+    lines += control_lines(report)
     lines += claim_lines(report.get("claims", []))
     lines += _inconclusive_lines(report)
     for instrument in publishers(report):
@@ -129,55 +133,6 @@ def _inconclusive_lines(report: dict[str, Any]) -> list[str]:
             f"{fmt(f['fail'])} | {fmt(f.get('n'))} {f.get('unit', '')} | {fmt(f.get('n_needed'))} |"
         )
     return lines
-
-
-# XML 1.0 forbids most control characters even escaped; a reason quoting a model's output may hold them.
-_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-
-
-def _xml_text(text: str) -> str:
-    return _XML_INVALID.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-def junit(report: dict[str, Any]) -> str:
-    """One test case per finding: fail -> <failure>, error (a non-finite gated value) -> <error>,
-    inconclusive -> <skipped> (or <failure> when the policy counts it as fail), warn -> system-out."""
-    cases = [(stack, f) for stack in report["stacks"] for f in stack["findings"]]
-
-    def kind(f: dict[str, Any]) -> str:
-        status, gated = f["status"], f.get("gated", f["status"])
-        if status == "error":
-            return "error"
-        if status == "fail" or gated == "fail":
-            return "failure"
-        return "skipped" if status == "inconclusive" else status
-
-    kinds = [kind(f) for _, f in cases]
-    suite = ET.Element(
-        "testsuite",
-        name=_xml_text(f"qualgate.{report['pipeline']}"),
-        tests=str(len(cases)),
-        failures=str(kinds.count("failure")),
-        errors=str(kinds.count("error")),
-        skipped=str(kinds.count("skipped")),
-    )
-    for (stack, finding), what in zip(cases, kinds, strict=True):
-        case = ET.SubElement(
-            suite,
-            "testcase",
-            classname=_xml_text(f"qualgate.{report['pipeline']}.{stack['name']}"),
-            name=_xml_text(f"{finding['instrument']}.{finding['metric']}"),
-        )
-        message = _xml_text(f"{ICON[finding['status']]}: {finding['reason']}")
-        if what in ("failure", "error"):
-            ET.SubElement(case, what, message=message).text = json.dumps(finding)  # ASCII: \u escapes
-        elif what == "skipped":
-            ET.SubElement(case, "skipped", message=message)
-        elif what == "warn":
-            ET.SubElement(case, "system-out").text = message
-    root = ET.Element("testsuites")
-    root.append(suite)
-    return ET.tostring(root, encoding="unicode", xml_declaration=True)
 
 
 def _finite(value: Any) -> Any:
@@ -283,6 +238,12 @@ def print_report(report: dict[str, Any]) -> None:
     # Each finding under its own status, one line each (never wrapped: CI logs are grepped line by line):
     # an inconclusive recovery must not read as the stack's FAIL.
     for stack in report["stacks"]:
+        if stack.get("control"):  # a known-bad stack: its fail is expected; one line says whether it came
+            c = stack["control"]
+            line = f"CONTROL {stack['name']}: {control_label(stack)}, failed by {', '.join(c['failed_by']) or 'none'}"
+            line += "".join(f"; {r}" for r in stack["reasons"])
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+            continue
         for f in stack["findings"]:
             if f["status"] != "pass":
                 line = f"{ICON[f['status']]} {stack['name']}: {f['instrument']}.{f['reason']}"

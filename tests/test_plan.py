@@ -35,11 +35,12 @@ def _rows(planned: list[PlannedStack]) -> list[tuple[tuple[str, ...], str, int, 
 
 
 def _explicit(*stacks: tuple[list[str], str | None]) -> SimpleNamespace:
-    return SimpleNamespace(model=MODEL, stacks=[StackConfig(layers=names, name=name) for names, name in stacks])
+    explicit = [StackConfig(layers=names, name=name) for names, name in stacks]
+    return SimpleNamespace(model=MODEL, controls=[], stacks=explicit)
 
 
 def test_auto_is_the_ladder_then_each_layer_alone(layers: dict[str, Layer[Any]]) -> None:
-    planned = plan(SimpleNamespace(model=MODEL, stacks="auto"), layers)
+    planned = plan(SimpleNamespace(model=MODEL, controls=[], stacks="auto"), layers)
     assert _rows(planned) == [
         ((), "baseline", 0, "base"),
         (("w4",), "ladder", 1, "w4"),
@@ -58,7 +59,7 @@ def test_auto_is_the_ladder_then_each_layer_alone(layers: dict[str, Layer[Any]])
 
 def test_auto_follows_the_order_of_the_layers(layers: dict[str, Layer[Any]]) -> None:
     reordered = {name: layers[name] for name in ("prefix", "kv")}
-    planned = plan(SimpleNamespace(model=MODEL, stacks="auto"), reordered)
+    planned = plan(SimpleNamespace(model=MODEL, controls=[], stacks="auto"), reordered)
     assert _rows(planned) == [
         ((), "baseline", 0, "base"),
         (("prefix",), "ladder", 1, "prefix"),
@@ -68,7 +69,7 @@ def test_auto_follows_the_order_of_the_layers(layers: dict[str, Layer[Any]]) -> 
 
 
 def test_auto_without_layers_is_the_baseline_alone() -> None:
-    assert _rows(plan(SimpleNamespace(model=MODEL, stacks="auto"), {})) == [((), "baseline", 0, "base")]
+    assert _rows(plan(SimpleNamespace(model=MODEL, controls=[], stacks="auto"), {})) == [((), "baseline", 0, "base")]
 
 
 def test_explicit_stacks_keep_their_order_dedupe_and_detect_the_ladder(layers: dict[str, Layer[Any]]) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from qualgate.budgets import budget_finding, budget_rows
 from qualgate.claims import judge_claims
 from qualgate.config import Pipeline
+from qualgate.controls import judge_control
 from qualgate.devices import describe
 from qualgate.executors import EXECUTOR_FILE, executor_for
 from qualgate.gate import Finding, judge, verdict, worst_status
@@ -109,13 +110,16 @@ class Runner:
         return findings
 
     @staticmethod
-    def finish(entry: dict[str, Any], findings: list[Finding]) -> dict[str, Any]:
-        return {
+    def finish(entry: dict[str, Any], findings: list[Finding], planned: PlannedStack | None = None) -> dict[str, Any]:
+        done = {
             **entry,
             "findings": [f.as_dict() for f in findings],
             **verdict(findings),
             "reasons": [f"{f.instrument}.{f.reason}" for f in findings if f.status != "pass"],
         }
+        if planned is not None and planned.role == "control":
+            return judge_control(done, list(planned.must_fail))  # its fail is the pass the run wants
+        return done
 
     def run(self, checked: Checked | None = None) -> dict[str, Any]:
         # `qualgate run` checks before it takes the run directory, and hands over what it opened.
@@ -134,7 +138,7 @@ class Runner:
             # Budgets compare stacks with each other (a step with the one before, a layer alone), so they
             # are judged once every stack is measured.
             done = {planned.layer_names: entry for planned, entry, _ in measured}
-            stacks = [self.finish(e, f + self.budgets(p, e, done)) for p, e, f in measured]
+            stacks = [self.finish(e, f + self.budgets(p, e, done), p) for p, e, f in measured]
             provenance: dict[str, Any] = {
                 "qualgate": __version__,
                 "git": git_state(),

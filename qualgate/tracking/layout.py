@@ -96,6 +96,11 @@ def stack_spec(
         },
         params=layer_params(stack),
     )
+    if stack.get("control"):  # a known-bad stack: its verdict above is what it counts in the run
+        control = stack["control"]
+        spec.tags["qualgate.control"] = "caught" if control["caught"] else "missed"
+        spec.tags["qualgate.control.measured"] = control["measured"]
+        spec.tags["qualgate.control.missed"] = ", ".join(control["missed"]) or "-"
     known = {cls.name: cls for cls in (publishers({}) if instruments is None else instruments)}
     for name, section in stack["instruments"].items():
         kind = known.get(name)
