@@ -114,3 +114,69 @@ def test_a_batch_size_that_is_no_size_is_exit_2(
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "batch_size" in err, err
+
+
+def _fed(session: HFSession, chunks: list[Any], serve: bool) -> list[Any]:
+    from qualgate.instruments.fidelity.scores import serving_schedule
+
+    return [
+        ScoreRequest(c.token_ids, 8, None, 0, block_size=None if serve else 32,
+                     schedule=tuple(serving_schedule(c)) if serve else None)
+        for c in chunks
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("serve", [True, False], ids=["serving-schedule", "blocks-of-32"])
+@pytest.mark.parametrize("kv", [None, "fp8"])
+def test_sequences_fed_through_one_batched_cache_score_what_each_does_alone(
+    domain_text: str, serve: bool, kv: str | None
+) -> None:
+    """Sequences fed through the cache in the same blocks share one batched cache: every row takes its
+    own steps (a shorter row padded at the end), so each scores as it does alone: within float noise
+    without a quantized cache. An FP8 cache turns that noise into a rare larger step: a K/V element the
+    noise moves across an FP8 rounding boundary (1/16 relative) moves a logprob by up to ~0.01, as a
+    CPU with other kernels would; the means and the top-1 tokens do not move."""
+    layers = [{"kind": "kv_quant", "method": kv}] if kv else []
+    batched = HFSession(build_stack({"path": "bundled:target"}, layers))
+    assert batched.scoring_group(96, cached=True) > 1
+    chunks = chunk_text(batched, domain_text[:3000], CONFIG)
+    chunks = [*chunks[:4], type(chunks[4])(chunks[4].token_ids[:50], 20)]  # a shorter one: a padded row
+    results = batched.score_batch(_fed(batched, chunks, serve))
+    diffs = []
+    for chunk, result, request in zip(chunks, results, _fed(batched, chunks, serve), strict=True):
+        alone = batched.score(chunk.token_ids, 8, request.block_size, None, request.schedule)
+        diffs += [np.abs(result.logprobs - alone.logprobs), np.abs(result.top_logprobs - alone.top_logprobs).ravel()]
+        assert (result.top_ids[:, 0] == alone.top_ids[:, 0]).mean() > 0.98
+        assert result.schedule == request.schedule and result.block_size == request.block_size
+    diff = np.concatenate(diffs)
+    if kv is None:
+        assert diff.max() < 1e-5
+    else:
+        assert diff.max() < 0.05 and diff.mean() < 2e-4, (diff.max(), diff.mean())
+
+
+def test_a_cache_that_is_not_batch_invariant_is_fed_one_sequence_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qualgate.layers.kv_quant import Fp8KV
+
+    monkeypatch.setattr(Fp8KV, "batch_invariant", False)
+    session = HFSession(build_stack({"path": "bundled:target"}, [{"kind": "kv_quant", "method": "fp8"}]))
+    assert session.scoring_group(96, cached=True) == 1
+    calls: list[int] = []
+    real = session.score
+    monkeypatch.setattr(session, "score", lambda ids, *a, **k: calls.append(len(ids)) or real(ids, *a, **k))
+    session.score_many([[0, 5, 6, 7], [0, 8, 9]], block_size=2)
+    assert calls == [4, 3], "one score() per sequence"
+
+
+def test_single_token_writes_stay_single_in_a_batched_serving_schedule(domain_text: str) -> None:
+    """The planted FP8 cache broken only on single-token writes (tests/plugin_layers.py) is still seen
+    when its decode steps are batched: each row still writes one token per step."""
+    import plugin_layers  # noqa: F401  (registers the planted layers)
+
+    layer = {"kind": "kv_quant", "method": "plugin_layers:DecodeSaturatingFp8"}
+    broken = HFSession(build_stack({"path": "bundled:target"}, [layer]))
+    correct = HFSession(build_stack({"path": "bundled:target"}, [{"kind": "kv_quant", "method": "fp8"}]))
+    chunks = chunk_text(correct, domain_text[:3000], CONFIG)[:4]
+    seen, right = broken.score_batch(_fed(broken, chunks, True)), correct.score_batch(_fed(correct, chunks, True))
+    drift = [np.abs(b.logprobs - c.logprobs).max() for b, c in zip(seen, right, strict=True)]
+    assert min(drift) > 0.01, drift

@@ -53,6 +53,9 @@ class ScoreRequest:
     top_k: int = 64
     gather: np.ndarray | None = None
     tail_samples: int = 0
+    # Fed through the KV cache as score's block_size / schedule say (None for both: one forward pass).
+    block_size: int | None = None
+    schedule: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,15 +137,17 @@ class Session(ABC):
         """Top-1 scores of many sequences (benchmark requests). Engines may batch; the default is one by one."""
         return [self.score(ids, top_k=1, block_size=block_size) for ids in sequences]
 
-    def scoring_group(self, width: int) -> int:
-        """How many `width`-token sequences score_batch puts in one forward pass (1: one by one). Callers
-        hand it that many at a time and checkpoint between, so a crash loses one batch at most."""
+    def scoring_group(self, width: int, cached: bool = False) -> int:
+        """How many `width`-token sequences score_batch puts in one forward pass (1: one by one), fed
+        whole or (`cached`) through the KV cache in blocks. Callers hand it that many at a time and
+        checkpoint between, so a crash loses one batch at most."""
         return 1
 
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
-        """Each request scored in one forward pass (fidelity windows), in request order; the results
-        equal `score`'s within float noise. Engines may batch; the default is one by one."""
-        return [self.score(r.token_ids, top_k=r.top_k, gather=r.gather, tail_samples=r.tail_samples) for r in requests]
+        """Each request scored as `score` would (one forward pass, or through the KV cache by its block
+        size or schedule), in request order; the results equal `score`'s within float noise. Engines
+        may batch; the default is one by one."""
+        return [self.score(r.token_ids, r.top_k, r.block_size, r.gather, r.schedule, r.tail_samples) for r in requests]
 
     @abstractmethod
     def generate(

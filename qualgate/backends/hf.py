@@ -22,6 +22,7 @@ from qualgate.backends.base import (
 from qualgate.backends.hf_batch import BatchSetting, BatchSizer
 from qualgate.backends.hf_cache import croppable, snapshot_cache
 from qualgate.backends.hf_decode import GreedyDecoder
+from qualgate.backends.hf_scoring import score_cached, score_padded, score_result
 from qualgate.backends.rows import with_tail_sample
 from qualgate.backends.tokenized import TokenizedSession
 from qualgate.devices import resolve
@@ -88,32 +89,6 @@ class HFBackend(Backend):
 
             torch.set_num_threads(self.threads)
         return HFSession(stack, self.batch_size)
-
-
-def _score_result(
-    ids: list[int], logprobs: Any, top_k: int, block_size: int | None, gather: np.ndarray | None = None
-) -> ScoreResult:
-    """A ScoreResult from the [n-1, vocab] float32 logprobs after each of ids[:-1]; the kept values are
-    widened to float64 (a full-vocabulary float64 copy would cost more than the forward pass)."""
-    import torch
-
-    # Selected on the logprobs' device; only the kept values come back to the host.
-    targets = torch.tensor(ids[1:], device=logprobs.device).unsqueeze(1)
-    top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
-    top_logprobs = top.values.double()
-    gathered = None
-    if gather is not None:
-        index = torch.as_tensor(gather, dtype=torch.long, device=logprobs.device)
-        gathered = logprobs.gather(1, index).double().cpu().numpy()
-    return ScoreResult(
-        token_ids=np.asarray(ids, dtype=np.int64),
-        logprobs=logprobs.gather(1, targets).squeeze(1).double().cpu().numpy(),
-        top_ids=top.indices.cpu().numpy(),
-        top_logprobs=top_logprobs.cpu().numpy(),
-        tail_mass=(1.0 - top_logprobs.exp().sum(dim=-1)).clamp(min=0.0).cpu().numpy(),
-        block_size=block_size,
-        gathered=gathered,
-    )
 
 
 class HFSession(TokenizedSession):
@@ -209,63 +184,46 @@ class HFSession(TokenizedSession):
         else:
             cache = self.new_cache()
             logprobs = torch.cat([self._forward(inputs[start:end], cache) for start, end in spans])
-        result = _score_result(ids, logprobs, top_k, block_size, gather)
+        result = score_result(ids, logprobs, top_k, block_size, gather)
         if tail_samples:
             result = with_tail_sample(result, logprobs.cpu().numpy(), tail_samples)
         return replace(result, schedule=tuple(schedule)) if schedule is not None else result
 
     def score_many(self, sequences: Sequence[Sequence[int]], block_size: int | None = None) -> list[ScoreResult]:
-        if block_size is not None:
-            return super().score_many(sequences, block_size)
-        return self.score_batch([ScoreRequest(ids, top_k=1) for ids in sequences])
+        return self.score_batch([ScoreRequest(ids, top_k=1, block_size=block_size) for ids in sequences])
 
-    def scoring_group(self, width: int) -> int:
+    @property
+    def _cache_batches(self) -> bool:
+        """Whether sequences fed through the cache may share a batch (hf_scoring.py)."""
+        return self.kv_layer is None or self.kv_layer.batch_invariant
+
+    def scoring_group(self, width: int, cached: bool = False) -> int:
+        if cached:
+            return self.batches.group(width, cached=True) if self._cache_batches else 1
         return 1 if self.kv_layer is not None else self.batches.group(width)
 
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
-        """Right-padded batches of similar length, one forward pass each (a quantized KV cache is read
-        block by block, so those stacks go one by one). Padding never reaches a real position: attention
-        is causal and the pads come last."""
-        if self.kv_layer is not None:
-            return super().score_batch(requests)
+        """Right-padded batches of similar length: one forward pass each, or fed through one batched
+        cache (hf_scoring.py) when the requests say how. A quantized cache whose round trip is not
+        batch-invariant goes one by one. Padding never reaches a real position: attention is causal and
+        the pads come last."""
+        fed = [r.block_size is not None or r.schedule is not None for r in requests]
+        if self.kv_layer is not None and not (self._cache_batches and all(fed)):
+            return super().score_batch(requests)  # one by one; score() says what a KV stack cannot do
         for r in requests:
             self._check_request(r.token_ids, r.gather)
         results: list[ScoreResult | None] = [None] * len(requests)
-        for group in self.batches.batches([len(r.token_ids) - 1 for r in requests]):
-            width = len(requests[group[-1]].token_ids) - 1
-            scored = self.batches.run([requests[i] for i in group], width, self._score_padded)
-            for i, result in zip(group, scored, strict=True):
+        cached = [i for i, f in enumerate(fed) if f]
+        for i, result in zip(cached, score_cached(self, [requests[i] for i in cached]), strict=True):
+            results[i] = result
+        whole = [i for i, f in enumerate(fed) if not f]
+        for group in self.batches.batches([len(requests[i].token_ids) - 1 for i in whole]):
+            members = [whole[g] for g in group]
+            width = len(requests[members[-1]].token_ids) - 1
+            scored = self.batches.run([requests[i] for i in members], width, lambda part: score_padded(self, part))
+            for i, result in zip(members, scored, strict=True):
                 results[i] = result
         return [r for r in results if r is not None]
-
-    def _score_padded(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
-        import torch
-
-        batch = [[int(t) for t in r.token_ids] for r in requests]
-        width = max(len(ids) for ids in batch) - 1
-        # Filled on the host, then one copy each to the model's device (not one per row).
-        inputs = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-            mask[row, : len(ids) - 1] = 1
-        ragged = any(len(ids) - 1 < width for ids in batch)
-        with torch.no_grad():
-            # Without pads no mask is needed, and attention takes its causal fast path.
-            logits = self.model(
-                input_ids=inputs.to(self.device),
-                attention_mask=mask.to(self.device) if ragged else None,
-                use_cache=False,
-            ).logits
-        results = []
-        for row, (ids, request) in enumerate(zip(batch, requests, strict=True)):
-            # Row by row: one sequence's full-vocabulary log-softmax at a time, not the batch's.
-            logprobs = torch.log_softmax(logits[row, : len(ids) - 1].float(), dim=-1)
-            result = _score_result(ids, logprobs, request.top_k, None, request.gather)
-            if request.tail_samples:
-                result = with_tail_sample(result, logprobs.cpu().numpy(), request.tail_samples)
-            results.append(result)
-        return results
 
     def generate(
         self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64, top_k: int = 8

@@ -32,6 +32,10 @@ CPU_BATCH_TOKENS = 1024
 # model's own workspace take the rest), and the most sequences auto puts in one batch (lm-eval's cap).
 GPU_MEMORY_SHARE = 0.5
 MAX_AUTO_BATCH = 64
+# CPU, sequences fed through the KV cache (hf_scoring.py): a step feeds one token per row, so rows, not
+# tokens, amortize each call; the bound is the batch's logits (kept until the last block), at most this
+# many bytes (the bundled target's 512-token chunks: 30 rows).
+CPU_CACHED_LOGIT_BYTES = 512 << 20
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -55,19 +59,22 @@ class BatchSizer:
         self.cap: int | None = None  # the largest batch known to fit after an out-of-memory error
         self.backoffs = 0
 
-    def _limit(self, width: int) -> int:
-        """Sequences of `width` tokens one batch may hold before any out-of-memory error."""
+    def _limit(self, width: int, cached: bool = False) -> int:
+        """Sequences of `width` tokens one batch may hold before any out-of-memory error (`cached`: fed
+        through the KV cache in blocks rather than in one forward pass)."""
         if self.setting != "auto":
             return int(self.setting)
+        per_sequence = 3 * 4 * self.vocab_size * max(width, 1)
         if self.device.type == "cuda":
             import torch
 
             free, _ = torch.cuda.mem_get_info(self.device)
-            per_sequence = 3 * 4 * self.vocab_size * max(width, 1)
             return max(1, min(MAX_AUTO_BATCH, int(free * GPU_MEMORY_SHARE) // per_sequence))
+        if cached:
+            return max(1, min(MAX_AUTO_BATCH, CPU_CACHED_LOGIT_BYTES // per_sequence))
         return max(1, min(MAX_AUTO_BATCH, CPU_BATCH_TOKENS // max(width, 1)))
 
-    def batches(self, lengths: Sequence[int]) -> list[list[int]]:
+    def batches(self, lengths: Sequence[int], cached: bool = False) -> list[list[int]]:
         """Indices of `lengths` grouped into batches of similar length (shortest first): a batch grows
         while its padded size (count x its longest, the last) stays within the limit."""
         order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -75,15 +82,15 @@ class BatchSizer:
         start = 0
         while start < len(order):
             end = start + 1
-            while end < len(order) and end - start + 1 <= self.group(lengths[order[end]]):
+            while end < len(order) and end - start + 1 <= self.group(lengths[order[end]], cached):
                 end += 1
             groups.append(order[start:end])
             start = end
         return groups
 
-    def group(self, width: int) -> int:
+    def group(self, width: int, cached: bool = False) -> int:
         """Sequences of `width` tokens in one batch now (after any out-of-memory backoff)."""
-        limit = self._limit(width)
+        limit = self._limit(width, cached)
         return min(limit, self.cap) if self.cap is not None else limit
 
     def run(self, items: Sequence[T], width: int, score: Callable[[Sequence[T]], list[R]]) -> list[R]:

@@ -114,6 +114,10 @@ class WeightQuantLayer(Layer[P]):
 class KVQuantLayer(Layer[P]):
     kind: ClassVar[LayerKind] = "kv_quant"
     lossless: ClassVar[bool] = False
+    # Whether a row's K/V round trip reads nothing of the other rows of a batch (an elementwise cast with
+    # a fixed scale): then sequences may share one batched cache and score as they would alone. A method
+    # whose scales pool over the batch must leave it False; its sequences are fed one by one.
+    batch_invariant: ClassVar[bool] = False
 
     @abstractmethod
     def make_cache(self, config: PretrainedConfig) -> Cache:

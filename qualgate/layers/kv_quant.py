@@ -106,6 +106,7 @@ class Fp8KVParams(LayerParams):
 @register_layer
 class Fp8KV(KVQuantLayer[Fp8KVParams]):
     method: ClassVar[str] = "fp8"
+    batch_invariant: ClassVar[bool] = True  # an elementwise cast with one fixed scale
     Params = Fp8KVParams
     stem_params: ClassVar[tuple[str, ...]] = ("format",)
 

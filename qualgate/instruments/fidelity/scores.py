@@ -130,11 +130,11 @@ def iter_scores(
     """Score every chunk, in order; with a reference, also gather this side's logprobs at its top-k
     ids (and tail draws) and hand the reference's rows over with each chunk.
 
-    Chunks scored in one forward pass go to the session in groups it may batch; chunks fed through
-    the KV cache (blocks, or the serving schedule) one at a time. With a checkpoint, each chunk's
-    arrays are saved as soon as they exist and reused on a rerun, so an interrupted run loses at most
-    the batch in flight. Nothing is kept between groups: a caller that folds each chunk as it comes
-    holds a fixed amount of memory whatever the text's length."""
+    Chunks go to the session in groups it may batch (in one forward pass each, or through one batched
+    KV cache when they are fed in blocks or the serving schedule and the cache allows it). With a
+    checkpoint, each chunk's arrays are saved as soon as they exist and reused on a rerun, so an
+    interrupted run loses at most the batch in flight. Nothing is kept between groups: a caller that
+    folds each chunk as it comes holds a fixed amount of memory whatever the text's length."""
     from qualgate.backends.base import ScoreRequest
 
     block_size = config.block_size_for(session)
@@ -167,7 +167,7 @@ def iter_scores(
     # every chunk in the batch a fresh run would (batch shapes change GEMM kernels, and so the last
     # bits), so an interrupted run ends with the numbers of an uninterrupted one.
     width = max((len(c.token_ids) - 1 for c in chunks), default=1)
-    group = session.scoring_group(width) if one_pass else 1
+    group = session.scoring_group(width, cached=not one_pass)
     for start in range(0, len(chunks), group):
         indices = list(range(start, min(start + group, len(chunks))))
         refs = [None if reference is None else reference.take(chunks[i].n_scored) for i in indices]
@@ -175,24 +175,18 @@ def iter_scores(
         if all(part is not None for part in saved):
             parts = [part for part in saved if part is not None]
         else:
-            if one_pass:
-                requests = [
-                    ScoreRequest(chunks[i].token_ids, top_k, gather_for(chunks[i], ref), tail_samples)
-                    for i, ref in zip(indices, refs, strict=True)
-                ]
-                results = session.score_batch(requests)
-            else:
-                [i] = indices
-                results = [
-                    session.score(
-                        chunks[i].token_ids,
-                        top_k=top_k,
-                        block_size=block_size,
-                        gather=gather_for(chunks[i], refs[0]),
-                        schedule=serving_schedule(chunks[i]) if serve else None,
-                        tail_samples=tail_samples,
-                    )
-                ]
+            requests = [
+                ScoreRequest(
+                    chunks[i].token_ids,
+                    top_k,
+                    gather_for(chunks[i], ref),
+                    tail_samples,
+                    block_size=block_size,
+                    schedule=tuple(serving_schedule(chunks[i])) if serve else None,
+                )
+                for i, ref in zip(indices, refs, strict=True)
+            ]
+            results = session.score_batch(requests)
             parts = [chunk_part(i, chunks[i], result) for i, result in zip(indices, results, strict=True)]
             if checkpoint is not None:
                 for i, part in zip(indices, parts, strict=True):
