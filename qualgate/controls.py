@@ -6,7 +6,7 @@ model. A control is a stack built to be broken (2-bit weights, a draft accepted 
 listed under `controls:` with the instruments that must each fail it:
 
     controls:
-      - {layers: [w2], must_fail: [fidelity, benchmarks, judge]}
+      - {layers: [w2], must_fail: [fidelity, judge]}
 
 It is measured like any stack, then judged the other way round: it is *caught* when its own verdict is
 fail and every instrument in `must_fail` has a failing finding on it (any instrument, when the list is

@@ -56,13 +56,13 @@ def test_a_planted_bad_matrix_is_ranked_first(base_session: Any, golden_data: An
 
 
 @pytest.fixture(scope="module")
-def demo_attribution(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
-    """`qualgate attribute` on the demo's w4 stack, asked for a KL bound well under the stack's own."""
+def nightly_attribution(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+    """`qualgate attribute` on the nightly's w4 stack, asked for a KL bound well under the stack's own."""
     out = tmp_path_factory.mktemp("attribution")
     code = main(
         [
             "attribute",
-            str(REPO / "pipelines" / "demo.yaml"),
+            str(REPO / "pipelines" / "nightly.yaml"),
             "--stack",
             "w4",
             "--chunks",
@@ -76,8 +76,8 @@ def demo_attribution(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Pat
     return code, out
 
 
-def test_the_plan_keeps_the_fewest_matrices_that_pass_and_lowers_kl(demo_attribution: tuple[int, Path]) -> None:
-    code, out = demo_attribution
+def test_the_plan_keeps_the_fewest_matrices_that_pass_and_lowers_kl(nightly_attribution: tuple[int, Path]) -> None:
+    code, out = nightly_attribution
     result = json.loads((out / "attribution.json").read_text())
     plan, whole = result["plan"], result["whole"]
     assert code == 0 and plan["found"] and plan["verified"]["passes"]
@@ -93,12 +93,12 @@ def test_the_plan_keeps_the_fewest_matrices_that_pass_and_lowers_kl(demo_attribu
 
 
 def test_the_proposed_mixed_stack_measures_what_the_plan_measured(
-    demo_attribution: tuple[int, Path], golden_data: Any
+    nightly_attribution: tuple[int, Path], golden_data: Any
 ) -> None:
     """The layer the plan prints, run as any stack is (built from its configuration), gives the KL the
     plan verified by swapping modules: the proposal is what was measured."""
     config, chunks, reference = golden_data
-    _, out = demo_attribution
+    _, out = nightly_attribution
     result = json.loads((out / "attribution.json").read_text())
     layer = yaml.safe_load(yaml.safe_dump(result["plan"]["layer"]))
     with open_session(build_stack({"path": "bundled:target"}, [layer])) as session:
@@ -119,7 +119,7 @@ def test_attribution_per_decoder_layer(base_session: Any, golden_data: Any) -> N
     ("argv", "message"),
     [
         (["--stack", "nope"], "has no such stack; choose one of: base"),
-        (["--stack", "kv"], "has no weight_quant layer"),
+        (["--stack", "kv4"], "has no weight_quant layer"),
         (["--stack", "w4", "--keep", "kind=kv_quant"], "not kind"),
         (["--stack", "w4", "--chunks", "1"], "at least 2 chunks"),
     ],
@@ -127,7 +127,7 @@ def test_attribution_per_decoder_layer(base_session: Any, golden_data: Any) -> N
 def test_attribute_refuses_bad_input_on_one_line(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["attribute", str(REPO / "pipelines" / "demo.yaml"), *argv]) == 2
+    assert main(["attribute", str(REPO / "pipelines" / "nightly.yaml"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
 
@@ -143,11 +143,11 @@ def test_a_mixed_layer_naming_a_missing_module_is_exit_2() -> None:
         build_layer({**spec, "base": {"method": "mixed"}})
 
 
-def test_the_attribution_is_logged_to_mlflow(demo_attribution: tuple[int, Path], _tracking_store: str) -> None:
+def test_the_attribution_is_logged_to_mlflow(nightly_attribution: tuple[int, Path], _tracking_store: str) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(_tracking_store)
-    experiment = client.get_experiment_by_name("qualgate-demo")
+    experiment = client.get_experiment_by_name("qualgate-nightly")
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], "tags.`qualgate.kind` = 'attribution'")
     assert runs, "an attribution run in the pipeline's experiment"

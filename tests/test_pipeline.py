@@ -144,9 +144,11 @@ def test_missing_and_invalid_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_bundled_pipelines_validate(capsys: pytest.CaptureFixture[str]) -> None:
-    for name in ("demo", "pre-deploy", "nightly", "known-bad"):
+    for name in ("demo", "pre-deploy", "nightly", "known-bad", "judge-local"):
         assert main(["validate", f"pipelines/{name}.yaml"]) == 0
-    assert "base, w4g64, w4g64+kv-fp8-e4m3" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pipelines/demo.yaml: valid; 3 stacks: base, deploy, w2g128 (control)" in out
+    assert "base, w4g64, w4g64+kv-int4-residual_length32, " in out  # the nightly's ladder
 
 
 @pytest.mark.slow

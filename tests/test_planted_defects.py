@@ -99,6 +99,7 @@ def test_the_default_pipeline_catches_every_planted_defect(tmp_path: Path, monke
         "bad_key": {"kind": "prefix_cache", "method": "plugin_layers:PartialKeyPrefixCache", "block_size": 16},
     }
     demo["stacks"] = [{"layers": [name]} for name in demo["layers"]]
+    demo.pop("controls")  # its 2-bit layer is replaced; every stack here is a planted defect
     demo["instruments"].pop("benchmarks")
     demo["instruments"].pop("judge")  # judged in tests/test_judge_model.py; here the planted layers' instruments
     demo["instruments"]["equivalence"]["prompts"] = ["evals/prompts/general.jsonl"]

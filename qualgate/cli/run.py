@@ -111,7 +111,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     pipeline = load_pipeline(Path(where))
     stacks = preflight(pipeline, where).planned
     _tracking_uri(pipeline, None, False, where)
-    print(f"{where}: valid; {len(stacks)} stacks: " + ", ".join(p.stack.name for p in stacks))
+    names = [f"{p.stack.name} (control)" if p.role == "control" else p.stack.name for p in stacks]
+    print(f"{where}: valid; {len(stacks)} stacks: " + ", ".join(names))
     return 0
 
 
