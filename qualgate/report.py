@@ -116,7 +116,9 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
 
 def _inconclusive_lines(report: dict[str, Any]) -> list[str]:
     """Findings whose point estimate is within the thresholds but whose interval is too wide to say so."""
-    rows = [(s["name"], f) for s in report["stacks"] for f in s["findings"] if f["status"] == "inconclusive"]
+    # A control's findings count only as caught or missed (the Controls table), never as warn.
+    stacks = [s for s in report["stacks"] if not s.get("control")]
+    rows = [(s["name"], f) for s in stacks for f in s["findings"] if f["status"] == "inconclusive"]
     if not rows:
         return []
     policy = report.get("gate_policy", {}).get("inconclusive", "warn")

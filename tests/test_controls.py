@@ -148,7 +148,12 @@ def test_a_run_catches_the_2_bit_control_and_fails_on_an_8_bit_one(
     printed = capsys.readouterr().out
     assert f"CONTROL {w2['name']}: FAIL as expected, failed by " in printed
     assert f"CONTROL {w8['name']}: MISSED (PASS, expected FAIL)" in printed
-    assert "### Controls (known-bad stacks the run must fail)" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "### Controls (known-bad stacks the run must fail)" in summary
+    assert (
+        f"| `{w2['name']}` | FAIL | fidelity | " in summary
+        and f"| `{w8['name']}` | PASS | fidelity | - | NO: fidelity |" in summary
+    )
     from mlflow import MlflowClient
 
     state = json.loads((out / "tracking.json").read_text())
