@@ -224,9 +224,10 @@ def load_pipeline(path: Path) -> Pipeline:
                         f"{where}: stacks[{i}].layers names '{name}', which is not in layers; "
                         f"{did_you_mean(name, list(pipeline.layers))}"
                     )
-    running = sorted({i.name for i in pipeline.active_instruments()})
+    # What a control's must_fail may name: the instrument labels gated findings carry.
+    labels = {i.name: (i.reports_as or i.name) if i.metrics else None for i in pipeline.active_instruments()}
     stacks = [tuple(s.layers) for s in pipeline.stacks] if pipeline.stacks != "auto" else []
-    check_controls(pipeline.controls, pipeline.layers, stacks, running, where)
+    check_controls(pipeline.controls, pipeline.layers, stacks, labels, where)
     for instrument in pipeline.active_instruments():
         for inst_path in instrument.inputs():
             if not Path(inst_path).exists():

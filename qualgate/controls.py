@@ -35,7 +35,11 @@ class Control(BaseModel):
 
 
 def check_controls(
-    controls: list[Control], layers: dict[str, Any], stacks: list[tuple[str, ...]], instruments: list[str], where: str
+    controls: list[Control],
+    layers: dict[str, Any],
+    stacks: list[tuple[str, ...]],
+    instruments: dict[str, str | None],
+    where: str,
 ) -> None:
     """Every control names known layers and instruments the pipeline runs (a `must_fail` on an
     instrument that never measures would be a control that can never be caught), and is no stack the
@@ -60,7 +64,17 @@ def check_controls(
             if name not in instruments:
                 raise ConfigError(
                     f"{where}: controls[{i}].must_fail names '{name}', which this pipeline does not run; "
-                    f"{did_you_mean(name, instruments)}"
+                    f"{did_you_mean(name, list(instruments))}"
+                )
+            label = instruments[name]
+            if label is None:
+                raise ConfigError(
+                    f"{where}: controls[{i}].must_fail names '{name}', which gates nothing (it has no findings "
+                    "to fail); name an instrument with gated metrics"
+                )
+            if label != name:
+                raise ConfigError(
+                    f"{where}: controls[{i}].must_fail names '{name}', whose findings are {label}'s; name {label}"
                 )
 
 
@@ -77,9 +91,9 @@ def judge_control(stack: dict[str, Any], must_fail: list[str]) -> dict[str, Any]
     failing = sorted({_family(f) for f in stack["findings"] if f["status"] == "fail"})
     measured = stack["verdict"]
     missed = [name for name in must_fail if name not in failing]
-    if not must_fail and measured != "fail":
+    if not must_fail and not failing:
         missed = ["any instrument"]
-    caught = measured == "fail" and not missed
+    caught = not missed
     if caught:
         reasons = []
     else:

@@ -161,3 +161,26 @@ def test_a_run_catches_the_2_bit_control_and_fails_on_an_8_bit_one(
     tags = {r.info.run_name: r.data.tags for r in runs}
     assert tags[w2["name"]]["qualgate.control"] == "caught" and tags[w8["name"]]["qualgate.control"] == "missed"
     assert yaml.safe_load(path.read_text())["controls"] == controls
+
+
+def test_must_fail_names_the_label_findings_carry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode path's findings are fidelity's (decode_kl_mean, shape_kl): a control requiring
+    `decode_path` could never be caught, so it is refused with the name to use."""
+    monkeypatch.chdir(REPO)
+    w2 = {"kind": "weight_quant", "method": "rtn", "bits": 2}
+    path = pipeline_file(
+        tmp_path, {"w2": w2}, serving=True, controls=[{"layers": ["w2"], "must_fail": ["decode_path"]}]
+    )
+    with pytest.raises(
+        ConfigError, match="must_fail names 'decode_path', whose findings are fidelity's; name fidelity"
+    ):
+        load_pipeline(path)
+
+
+def test_without_must_fail_only_a_finding_measured_past_fail_catches_it() -> None:
+    """Not the stack's gated verdict: an inconclusive finding counted as fail, or an error (a NaN), is
+    no sighting of the damage."""
+    inconclusive = {**_finding("judge", "inconclusive"), "gated": "fail"}
+    assert judge_control(_stack("fail", inconclusive, _finding("fidelity", "error")), [])["control"]["missed"] == [
+        "any instrument"
+    ]

@@ -202,7 +202,7 @@ def test_an_interrupted_scoring_resumes_without_redoing_chunks(
     clean = score_text(base_session, chunks, CONFIG)
     checkpoint = RunStore(tmp_path).chunks("unit")
     group = 2 if batching else 1
-    base_session.scoring_group = lambda width: group
+    base_session.scoring_group = lambda width, cached=False: group
 
     def crash_after_three(done: int, total: int) -> None:
         if done == 3:

@@ -72,7 +72,7 @@ def test_a_streamed_comparison_is_the_whole_array_comparison(streamed: Path, dom
     stack = build_stack({"path": "bundled:target"}, [{"kind": "weight_quant", "method": "rtn", "bits": 4}])
     taken: list[int] = []
     with open_session(stack) as session:
-        session.scoring_group = lambda width: 2  # groups of two chunks, as a batched engine asks
+        session.scoring_group = lambda width, cached=False: 2  # groups of two chunks, as a batched engine asks
         expected = compare(whole, score_text(session, chunks, CONFIG, reference=whole))
         with reference.rows() as rows:
             real_take = rows.take

@@ -52,6 +52,8 @@ class Instrument(ABC, Generic[C]):
     section: ClassVar[str | None] = None
     Config: ClassVar[type[BaseModel]]
     metrics: ClassVar[dict[str, bool]] = {}  # gated metric -> bigger is worse
+    # The `instrument` its findings carry when not its own name (the decode path reports as fidelity).
+    reports_as: ClassVar[str | None] = None
     default_gate: ClassVar[dict[str, Tiers]] = {}
     needs: ClassVar[tuple[Need, ...]] = ()  # optional packages it imports (checked before a run)
 

@@ -55,7 +55,12 @@ def previous_passing_run(tracker: Tracker, experiment_id: str, pipeline: str, be
 
 def stack_metrics(tracker: Tracker, experiment_id: str, parent_id: str) -> dict[str, dict[str, float]]:
     children = tracker.runs(experiment_id, f"tags.`mlflow.parentRunId` = '{parent_id}'")
-    return {run.data.tags.get("qualgate.stack", run.info.run_name): dict(run.data.metrics) for run in children}
+    # A control is built to be broken: how broken it reads from night to night is no change of the stacks.
+    return {
+        run.data.tags.get("qualgate.stack", run.info.run_name): dict(run.data.metrics)
+        for run in children
+        if "qualgate.control" not in run.data.tags
+    }
 
 
 def _estimate(metrics: dict[str, float], prefix: str, name: str) -> tuple[float, float | None, float | None] | None:

@@ -43,6 +43,7 @@ class DecodePath(Instrument[EquivalenceSection]):
     section = "equivalence"
     Config = EquivalenceSection
     metrics: ClassVar[dict[str, bool]] = {"decode_kl_mean": True, "shape_kl": True}
+    reports_as: ClassVar[str | None] = "fidelity"  # the same distributions, along greedy continuations
     default_gate: ClassVar[dict[str, Tiers]] = {"shape_kl": (SHAPE_KL_WARN, SHAPE_KL_FAIL)}
 
     def __init__(self, config: EquivalenceSection) -> None:
