@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 from xml.etree import ElementTree as ET
 
@@ -16,12 +15,9 @@ import yaml
 from helpers import REPO, pipeline_file, run_pipeline
 
 from qualgate.config import load_pipeline
-from qualgate.controls import Control, judge_control, summary_lines
+from qualgate.controls import judge_control, summary_lines
 from qualgate.errors import ConfigError
 from qualgate.junit import junit
-from qualgate.layers import build_layer
-from qualgate.models import ModelSpec
-from qualgate.plan import plan
 from qualgate.report import verdict_label
 
 
@@ -82,23 +78,6 @@ def test_junit_has_one_case_per_required_instrument_and_the_summary_a_controls_t
     lines = summary_lines(report)
     assert "| `w2` | FAIL | fidelity | fidelity | yes |" in lines
     assert "| `w8` | PASS | fidelity | - | NO: fidelity |" in lines
-
-
-def test_controls_stay_out_of_the_auto_ladder_and_come_last() -> None:
-    specs = {"w4": {"kind": "weight_quant", "method": "rtn", "bits": 4}, "kv": {"kind": "kv_quant", "method": "fp8"},
-             "w2": {"kind": "weight_quant", "method": "rtn", "bits": 2}}  # fmt: skip
-    layers = {name: build_layer({**spec, "name": name}) for name, spec in specs.items()}
-    pipeline = SimpleNamespace(
-        model=ModelSpec(path="bundled:target"), stacks="auto", controls=[Control(layers=["w2"], must_fail=["judge"])]
-    )
-    rows = [(p.layer_names, p.role, p.must_fail) for p in plan(pipeline, layers)]
-    assert rows == [
-        ((), "baseline", ()),
-        (("w4",), "ladder", ()),
-        (("w4", "kv"), "ladder", ()),
-        (("kv",), "single", ()),
-        (("w2",), "control", ("judge",)),
-    ]
 
 
 @pytest.mark.parametrize(

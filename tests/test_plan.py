@@ -112,3 +112,23 @@ def test_a_stack_with_two_layers_of_one_kind_is_refused(layers: dict[str, Layer[
     other = build_layer({"kind": "weight_quant", "method": "rtn", "bits": 8, "name": "w8"})
     with pytest.raises(ConfigError, match="both weight_quant"):
         plan(_explicit((["w4", "w8"], None)), {**layers, "w8": other})
+
+
+def test_controls_stay_out_of_the_auto_ladder_and_come_last(layers: dict[str, Layer[Any]]) -> None:
+    from qualgate.controls import Control
+
+    controls = [Control(layers=["prefix"], must_fail=["equivalence"]), Control(name="bad", layers=["w4", "kv"])]
+    planned = plan(SimpleNamespace(model=MODEL, controls=controls, stacks="auto"), layers)
+    assert [(p.layer_names, p.role, p.step, p.stack.name, p.must_fail) for p in planned] == [
+        ((), "baseline", 0, "base", ()),
+        (("spec",), "ladder", 1, "spec", ()),  # w4, kv and prefix are named by controls: off the ladder
+        (("prefix",), "control", 1, "prefix", ("equivalence",)),
+        (("w4", "kv"), "control", 2, "bad", ()),
+    ]
+    assert planned[-1].stack.layers == (layers["w4"], layers["kv"])
+    explicit = SimpleNamespace(model=MODEL, controls=controls[:1], stacks=[StackConfig(layers=["w4", "kv"])])
+    assert [(p.layer_names, p.role) for p in plan(explicit, layers)] == [
+        ((), "baseline"),
+        (("w4", "kv"), "stack"),
+        (("prefix",), "control"),
+    ]

@@ -1305,3 +1305,31 @@ def test_markdown_lists_the_claims_after_the_budgets() -> None:
     row = "| near-lossless: kl_mean <= 0.01 | vendor | `w4` | 0.004 [0.003, 0.005] | **holds** | - |"
     assert lines[start + 4] == row
     assert "### Claims" not in report.markdown(q4_report()), "no claims, no section"
+
+
+def _control(caught: bool) -> dict[str, Any]:
+    """A 2-bit control as the runner leaves it: its measured findings, its verdict as counted in the run."""
+    from qualgate.controls import judge_control
+
+    findings = [KL_FAIL, rec_inc()] if caught else [TOP1_PASS]
+    measured = "fail" if caught else "pass"
+    return judge_control({**stack("w2", findings, measured, measured, []), "role": "control"}, ["fidelity"])
+
+
+def test_a_control_reads_as_caught_or_missed_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    """Its FAIL is the pass the run wants: the tables say FAIL as expected, its inconclusive recovery is
+    no warn of the run, and the terminal gives it one CONTROL line instead of its findings' lines."""
+    caught, missed = _control(True), {**_control(False), "name": "w8"}
+    assert (report.verdict_label(caught), report.verdict_label(missed)) == (
+        "FAIL as expected",
+        "MISSED (PASS, expected FAIL)",
+    )
+    doc = make_report([caught], "pass", "pass", 0)
+    text = report.markdown(doc)
+    assert "| `w2` | FAIL as expected |" in text and "### Inconclusive" not in text
+    assert "| `w2` | FAIL | fidelity | fidelity | yes |" in text
+    report.print_report(make_report([caught, missed], "fail", "fail", 0))
+    lines = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+    assert lines[-2] == "CONTROL w2: FAIL as expected, failed by fidelity"
+    assert lines[-1].startswith("CONTROL w8: MISSED (PASS, expected FAIL), failed by none; control.fidelity did not")
+    assert not any(line.startswith(("FAIL w2", "INCONCLUSIVE w2")) for line in lines)
