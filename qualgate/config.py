@@ -225,10 +225,11 @@ def load_pipeline(path: Path) -> Pipeline:
                         f"{did_you_mean(name, list(pipeline.layers))}"
                     )
     # What a control's must_fail may name: the instrument labels gated findings carry.
-    labels = {i.name: (i.reports_as or i.name) if i.metrics else None for i in pipeline.active_instruments()}
+    active = pipeline.active_instruments()
+    labels = {i.name: (i.reports_as or i.name) if i.metrics else None for i in active}
     stacks = [tuple(s.layers) for s in pipeline.stacks] if pipeline.stacks != "auto" else []
     check_controls(pipeline.controls, pipeline.layers, stacks, labels, where)
-    for instrument in pipeline.active_instruments():
+    for instrument in active:
         for inst_path in instrument.inputs():
             if not Path(inst_path).exists():
                 raise ConfigError(

@@ -88,7 +88,8 @@ def judge_control(stack: dict[str, Any], must_fail: list[str]) -> dict[str, Any]
     `verdict` becomes what it counts in the run (pass when caught, fail when missed); what it measured
     moves to `control.measured`."""
     # Measured past a fail tier: an inconclusive finding counted as fail by policy is no sighting.
-    failing = sorted({_family(f) for f in stack["findings"] if f["status"] == "fail"})
+    failed = [f for f in stack["findings"] if f["status"] == "fail"]
+    failing = sorted({_family(f) for f in failed})
     measured = stack["verdict"]
     missed = [name for name in must_fail if name not in failing]
     if not must_fail and not failing:
@@ -116,7 +117,7 @@ def judge_control(stack: dict[str, Any], must_fail: list[str]) -> dict[str, Any]
             "must_fail": must_fail,
             "failed_by": failing,
             "missed": missed,
-            "failing_reasons": [f"{f['instrument']}.{f['reason']}" for f in stack["findings"] if f["status"] == "fail"],
+            "failing_reasons": [f"{f['instrument']}.{f['reason']}" for f in failed],
         },
     }
 

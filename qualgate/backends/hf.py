@@ -22,7 +22,7 @@ from qualgate.backends.base import (
 from qualgate.backends.hf_batch import BatchSetting, BatchSizer
 from qualgate.backends.hf_cache import croppable, snapshot_cache
 from qualgate.backends.hf_decode import GreedyDecoder
-from qualgate.backends.hf_scoring import score_cached, score_padded, score_result
+from qualgate.backends.hf_scoring import score_grouped, score_result
 from qualgate.backends.rows import with_tail_sample
 from qualgate.backends.tokenized import TokenizedSession
 from qualgate.devices import resolve
@@ -212,18 +212,7 @@ class HFSession(TokenizedSession):
             return super().score_batch(requests)  # one by one; score() says what a KV stack cannot do
         for r in requests:
             self._check_request(r.token_ids, r.gather)
-        results: list[ScoreResult | None] = [None] * len(requests)
-        cached = [i for i, f in enumerate(fed) if f]
-        for i, result in zip(cached, score_cached(self, [requests[i] for i in cached]), strict=True):
-            results[i] = result
-        whole = [i for i, f in enumerate(fed) if not f]
-        for group in self.batches.batches([len(requests[i].token_ids) - 1 for i in whole]):
-            members = [whole[g] for g in group]
-            width = len(requests[members[-1]].token_ids) - 1
-            scored = self.batches.run([requests[i] for i in members], width, lambda part: score_padded(self, part))
-            for i, result in zip(members, scored, strict=True):
-                results[i] = result
-        return [r for r in results if r is not None]
+        return score_grouped(self, requests)
 
     def generate(
         self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64, top_k: int = 8

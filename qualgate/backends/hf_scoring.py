@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -56,32 +57,37 @@ def score_result(
 
 
 def feeds(request: ScoreRequest) -> tuple[int | None, tuple[int, ...] | None]:
-    """How a request is fed through the cache: rows fed alike may share a batch."""
+    """How a request is fed: in one forward pass (None, None), or through the cache in blocks or by a
+    schedule. Rows fed alike may share a batch."""
     return request.block_size, request.schedule
 
 
-def score_cached(session: HFSession, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
-    """Every request scored through the session's cache, batched with the others fed alike (similar
-    lengths together), in request order."""
+def score_grouped(session: HFSession, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+    """Every request scored in batches of others fed alike (similar lengths together), in request
+    order: whole in one forward pass, or through one batched cache."""
     for r in requests:  # a schedule that does not cover its sequence is refused before any batch runs
         block_spans(len(r.token_ids) - 1, r.block_size, r.schedule)
     results: list[ScoreResult | None] = [None] * len(requests)
     alike: dict[tuple[int | None, tuple[int, ...] | None], list[int]] = defaultdict(list)
     for i, r in enumerate(requests):
         alike[feeds(r)].append(i)
-    for indices in alike.values():
+    for feed, indices in alike.items():
+        cached = feed != (None, None)
+        score = _score_cached if cached else _score_whole
         lengths = [len(requests[i].token_ids) - 1 for i in indices]
-        for group in session.batches.batches(lengths, cached=True):
+        for group in session.batches.batches(lengths, cached=cached):
             members = [indices[g] for g in group]
             width = max(lengths[g] for g in group)
-            scored = session.batches.run([requests[i] for i in members], width, lambda part: _score(session, part))
+            scored = session.batches.run([requests[i] for i in members], width, partial(score, session))
             for i, result in zip(members, scored, strict=True):
                 results[i] = result
     return [r for r in results if r is not None]
 
 
-def _score(session: HFSession, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
-    """One batch: right-padded rows fed block by block (the blocks of the longest row) through one cache."""
+def _padded(requests: Sequence[ScoreRequest]) -> tuple[list[list[int]], Any, Any, bool]:
+    """The rows' token ids, and their inputs right-padded to the longest with the mask of real
+    positions, filled on the host (one copy each to the model's device, not one per row); whether any
+    row is padded."""
     import torch
 
     batch = [[int(t) for t in r.token_ids] for r in requests]
@@ -91,9 +97,31 @@ def _score(session: HFSession, requests: Sequence[ScoreRequest]) -> list[ScoreRe
     for row, ids in enumerate(batch):
         inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
         mask[row, : len(ids) - 1] = 1
-    ragged = any(len(ids) - 1 < width for ids in batch)
-    spans = block_spans(width, requests[0].block_size, requests[0].schedule)
-    assert spans is not None, "score_cached takes requests fed through the cache"
+    return batch, inputs, mask, any(len(ids) - 1 < width for ids in batch)
+
+
+def _results(batch: list[list[int]], requests: Sequence[ScoreRequest], logits: Any) -> list[ScoreResult]:
+    """Each row's ScoreResult from the batch's logits, row by row: one sequence's full-vocabulary
+    log-softmax at a time, not the batch's."""
+    import torch
+
+    results = []
+    for row, (ids, r) in enumerate(zip(batch, requests, strict=True)):
+        logprobs = torch.log_softmax(logits[row, : len(ids) - 1].float(), dim=-1)
+        result = score_result(ids, logprobs, r.top_k, r.block_size, r.gather)
+        if r.tail_samples:
+            result = with_tail_sample(result, logprobs.cpu().numpy(), r.tail_samples)
+        results.append(replace(result, schedule=r.schedule) if r.schedule is not None else result)
+    return results
+
+
+def _score_cached(session: HFSession, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+    """One batch: right-padded rows fed block by block (the blocks of the longest row) through one cache."""
+    import torch
+
+    batch, inputs, mask, ragged = _padded(requests)
+    spans = block_spans(inputs.shape[1], requests[0].block_size, requests[0].schedule)
+    assert spans is not None, "_score_cached takes requests fed through the cache"
     cache = session.new_cache()
     parts: list[Any] = []
     with torch.no_grad():
@@ -106,29 +134,14 @@ def _score(session: HFSession, requests: Sequence[ScoreRequest]) -> list[ScoreRe
                 use_cache=True,
             )
             parts.append(out.logits)
-    logits = torch.cat(parts, dim=1)
-    results = []
-    for row, (ids, r) in enumerate(zip(batch, requests, strict=True)):
-        logprobs = torch.log_softmax(logits[row, : len(ids) - 1].float(), dim=-1)
-        result = score_result(ids, logprobs, r.top_k, r.block_size, r.gather)
-        if r.tail_samples:
-            result = with_tail_sample(result, logprobs.cpu().numpy(), r.tail_samples)
-        results.append(replace(result, schedule=r.schedule) if r.schedule is not None else result)
-    return results
+    return _results(batch, requests, torch.cat(parts, dim=1))
 
 
-def score_padded(session: HFSession, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+def _score_whole(session: HFSession, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+    """One batch: right-padded rows in one forward pass."""
     import torch
 
-    batch = [[int(t) for t in r.token_ids] for r in requests]
-    width = max(len(ids) for ids in batch) - 1
-    # Filled on the host, then one copy each to the model's device (not one per row).
-    inputs = torch.zeros((len(batch), width), dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-        mask[row, : len(ids) - 1] = 1
-    ragged = any(len(ids) - 1 < width for ids in batch)
+    batch, inputs, mask, ragged = _padded(requests)
     with torch.no_grad():
         # Without pads no mask is needed, and attention takes its causal fast path.
         logits = session.model(
@@ -136,15 +149,7 @@ def score_padded(session: HFSession, requests: Sequence[ScoreRequest]) -> list[S
             attention_mask=mask.to(session.device) if ragged else None,
             use_cache=False,
         ).logits
-    results = []
-    for row, (ids, request) in enumerate(zip(batch, requests, strict=True)):
-        # Row by row: one sequence's full-vocabulary log-softmax at a time, not the batch's.
-        logprobs = torch.log_softmax(logits[row, : len(ids) - 1].float(), dim=-1)
-        result = score_result(ids, logprobs, request.top_k, None, request.gather)
-        if request.tail_samples:
-            result = with_tail_sample(result, logprobs.cpu().numpy(), request.tail_samples)
-        results.append(result)
-    return results
+    return _results(batch, requests, logits)
 
 
-__all__ = ["feeds", "score_cached", "score_padded", "score_result"]
+__all__ = ["feeds", "score_grouped", "score_result"]
