@@ -73,8 +73,9 @@ def test_models_are_genuinely_trained() -> None:
 def test_training_script_is_deterministic(tmp_path: Path) -> None:
     settings = ["--max-docs", "40", "--target-steps", "3", "--draft-steps", "3", "--bytes-steps", "3"]
     settings += ["--batch-size", "2", "--seq-len", "64", "--threads", "1"]
-    # The judge too, from the 3-step target: one step of 8 pairs, judged on 8 held-out pairs.
-    settings += ["--judge-questions", "8", "--judge-heldout-questions", "8"]
+    # The judge too, from the 3-step target: one step of 8 pairs (with the teacher's surprisal loss, off by
+    # default), judged on 8 held-out pairs.
+    settings += ["--judge-questions", "8", "--judge-heldout-questions", "8", "--judge-surprisal-weight", "1"]
     # Subprocesses (training switches torch to deterministic, single-threaded mode globally), both at
     # once: one thread each, so they do not share a core's kernels any more than two machines would.
     runs = {

@@ -46,6 +46,36 @@ def test_the_card_reports_the_held_out_figures() -> None:
     assert judge["heldout"]["accuracy"] >= 0.85 and judge["heldout"]["position_consistency"] >= 0.9
 
 
+def test_the_teacher_scores_each_answer_token_where_the_judge_reads_it() -> None:
+    """The surprisal loss (qualgate/fixtures/judge_finetune.py) regresses, at each answer token of the
+    judge's request, the target's log-probability of that very token after the question: the spans must
+    hold the answers' tokens, and the scores must be the target's own."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from qualgate.fixtures import MODELS_DIR
+    from qualgate.fixtures.judge_finetune import examples, with_surprisal
+
+    tokenizer = AutoTokenizer.from_pretrained(MODELS_DIR / "tokenizer")
+    target = LlamaForCausalLM.from_pretrained(MODELS_DIR / "target")
+    ps = [p for p in load_pairs(REPO / HELDOUT_PAIRS) if p.kind == "shuffled"][:4]
+    data = with_surprisal(target, tokenizer, examples(tokenizer, ps))
+    for pair, first, second in zip(ps, data[::2], data[1::2], strict=True):
+        (a0, a1), (b0, b1) = first.answers
+        assert tokenizer.decode(first.prompt[a0:a1]).strip() == pair.good.strip()
+        assert tokenizer.decode(first.prompt[b0:b1]).strip() == pair.bad.strip()
+        assert len(first.surprisal) == (a1 - a0) + (b1 - b0)
+        good = first.surprisal[: a1 - a0]
+        assert second.surprisal == (*first.surprisal[a1 - a0 :], *good), "the same scores in the other order"
+        ids = [tokenizer.bos_token_id, *tokenizer(pair.question, add_special_tokens=False)["input_ids"]]
+        with torch.no_grad():
+            logits = target(torch.tensor([[*ids, *first.prompt[a0:a1]]])).logits[0]
+        direct = torch.log_softmax(logits[len(ids) - 1], -1)[first.prompt[a0]]
+        assert good[0] == pytest.approx(float(direct), abs=1e-4)
+        shuffled = first.surprisal[a1 - a0 :]
+        assert sum(good) / len(good) > sum(shuffled) / len(shuffled), "the true order reads better"
+
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JudgeClient]:
     try:
