@@ -16,7 +16,7 @@ from helpers import REPO
 
 from qualgate.fixtures import model_card
 from qualgate.fixtures.judge_check import HELDOUT_PAIRS, accuracy, injection_flips, load_pairs
-from qualgate.fixtures.judge_pairs import render_chatml, requests
+from qualgate.fixtures.judge_pairs import Question, relevance_pairs, render_chatml, requests
 from qualgate.instruments.judge import protocols
 from qualgate.instruments.judge.client import JudgeClient
 from qualgate.instruments.judge.config import JudgeConfig
@@ -74,6 +74,64 @@ def test_the_teacher_scores_each_answer_token_where_the_judge_reads_it() -> None
         assert good[0] == pytest.approx(float(direct), abs=1e-4)
         shuffled = first.surprisal[a1 - a0 :]
         assert sum(good) / len(good) > sum(shuffled) / len(shuffled), "the true order reads better"
+
+
+def test_the_confirmation_pairs_are_fresh_held_out_pairs() -> None:
+    """evals/judge/confirm_pairs.jsonl (python -m qualgate.fixtures.judge_confirm): 1,000 pairs of every kind
+    from the held-out documents, none asking a question of the 300 held-out pairs that chose the recipe."""
+    from qualgate.fixtures.judge_confirm import CONFIRM_PAIRS
+
+    confirm, heldout = load_pairs(REPO / CONFIRM_PAIRS), load_pairs(REPO / HELDOUT_PAIRS)
+    assert len(confirm) == 1000  # a question text may recur (a sentence start repeated in the documents)
+    assert not {p.question for p in confirm} & {p.question for p in heldout}
+    kinds = {p.kind for p in confirm}
+    assert kinds == {"off_topic", "quantized", "repeated", "shuffled", "truncated"}, "no injections, no ties"
+    assert all(p.good != p.bad for p in confirm)
+
+
+def test_relevance_pairs_set_a_questions_answer_against_another_questions_text() -> None:
+    """The extra off-topic pairs (--judge-relevance-share): the good side answers its own question (its true
+    continuation, or the target's greedy answer), the bad side is another question's true continuation."""
+    qs = [Question(f"question {n}", f"continuation {n}", (n,)) for n in range(400)]
+    greedy = [f"greedy {n}" for n in range(400)]
+    made = relevance_pairs(qs, greedy, 0.3, seed=7)
+    assert made == relevance_pairs(qs, greedy, 0.3, seed=7), "seeded"
+    assert 80 <= len(made) <= 160 and {p.kind for p in made} == {"off_topic"}
+    for p in made:
+        n = int(p.question.split()[1])
+        assert p.good in (f"continuation {n}", f"greedy {n}")
+        assert p.bad.startswith("continuation ") and p.bad != f"continuation {n}"
+    own = sum(p.good.startswith("continuation") for p in made) / len(made)
+    assert 0.6 < own < 0.9, "mostly the true continuation: the pairs the bundled judge gets wrong"
+    assert relevance_pairs(qs, greedy, 0.0, seed=7) == []
+
+
+def test_a_deepened_judge_starts_as_the_target_and_saves_as_a_plain_llama(tmp_path: Path) -> None:
+    """--judge-extra-layers: the new layers start as identities (the judge begins where the target is) and
+    the result is an ordinary Llama checkpoint, as served (converted to GGUF) and reloaded."""
+    import copy
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from qualgate.fixtures import MODELS_DIR
+    from qualgate.fixtures.judge_finetune import deepened
+
+    target = LlamaForCausalLM.from_pretrained(MODELS_DIR / "target").eval()
+    deep = deepened(copy.deepcopy(target), 2)
+    ids = torch.tensor([[0, 17, 240, 31, 999, 5]])
+    with torch.no_grad():
+        assert torch.equal(deep(ids).logits, target(ids).logits)
+    assert deep.config.num_hidden_layers == 6 and deep.model.layers[5].self_attn.layer_idx == 5
+    with torch.no_grad():  # trained away from the identity, and with a KV cache as generation uses
+        deep.model.layers[5].mlp.down_proj.weight.normal_(0, 0.02)
+        stepped = deep.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=2)
+    deep.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_hidden_layers == 6
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, deep(ids).logits)
+        assert torch.equal(reloaded.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=2), stepped)
 
 
 @pytest.fixture(scope="module")
