@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -95,12 +95,28 @@ def ray_lines(output: str) -> list[re.Match[str]]:
     return list(re.finditer(pattern, output))
 
 
-def wait_for(condition: object, timeout: float = 120) -> None:
+def wait_for(condition: Callable[[], object], timeout: float = 120) -> object:
+    """Poll until `condition()` is truthy and return its value. A stack's partial directory is removed
+    the moment the stack finishes, so a glob can race with that removal: it only means "not yet"."""
     deadline = time.monotonic() + timeout
-    while not callable(condition) or not condition():
+    while True:
+        try:
+            value = condition()
+        except FileNotFoundError:
+            value = None
+        if value:
+            return value
         if time.monotonic() > deadline:
             raise AssertionError("timed out")
         time.sleep(0.05)
+
+
+def checkpointed_worker(out: Path) -> int | None:
+    """A measuring worker's pid once the baseline is recorded and a layered stack has checkpointed a chunk."""
+    if not any((out / "records").glob("*.json")) or not any((out / "partial").glob("*/*.npz")):
+        return None
+    workers = measuring_workers()
+    return workers[0] if workers else None
 
 
 def measuring_workers() -> list[int]:
@@ -154,9 +170,8 @@ def test_a_worker_killed_mid_stack_is_retried_and_the_report_is_unchanged(
     out = tmp_path / "run"
     proc = start(pipeline(tmp_path, STACKS, small_golden), out, cluster, "--no-tracking")
     # Once the baseline is in and a layered stack has checkpointed a chunk: SIGKILL its worker.
-    records, partial = out / "records", out / "partial"
-    wait_for(lambda: len(list(records.glob("*.json"))) >= 1 and any(partial.glob("*/*.npz")) and measuring_workers())
-    killed = measuring_workers()[0]
+    killed = wait_for(lambda: checkpointed_worker(out))
+    assert isinstance(killed, int)
     os.kill(killed, signal.SIGKILL)
     code, output = finish(proc)
     assert code in (0, 1) and "Traceback" not in output, output[-3000:]  # the verdict: the report, compared below
@@ -174,9 +189,9 @@ def test_a_worker_lost_with_no_restarts_left_is_replaced_by_the_driver(
     executor = {"name": "ray", "max_restarts": 0, "max_task_retries": 1}
     out = tmp_path / "run"
     proc = start(pipeline(tmp_path, STACKS, small_golden, executor=executor), out, cluster, "--no-tracking")
-    records, partial = out / "records", out / "partial"
-    wait_for(lambda: len(list(records.glob("*.json"))) >= 1 and any(partial.glob("*/*.npz")) and measuring_workers())
-    os.kill(measuring_workers()[0], signal.SIGKILL)
+    killed = wait_for(lambda: checkpointed_worker(out))
+    assert isinstance(killed, int)
+    os.kill(killed, signal.SIGKILL)
     code, output = finish(proc)
     assert code in (0, 1) and "Traceback" not in output, output[-3000:]
     assert re.search(r"its worker was lost \(\w+\); retrying on a new worker \(attempt 2/2\)", output), output[-3000:]
