@@ -16,7 +16,7 @@ from helpers import REPO
 
 from qualgate.fixtures import model_card
 from qualgate.fixtures.judge_check import HELDOUT_PAIRS, accuracy, injection_flips, load_pairs
-from qualgate.fixtures.judge_pairs import Question, relevance_pairs, render_chatml, requests
+from qualgate.fixtures.judge_pairs import Question, pairs, relevance_pairs, render_chatml, requests
 from qualgate.instruments.judge import protocols
 from qualgate.instruments.judge.client import JudgeClient
 from qualgate.instruments.judge.config import JudgeConfig
@@ -104,6 +104,54 @@ def test_relevance_pairs_set_a_questions_answer_against_another_questions_text()
     own = sum(p.good.startswith("continuation") for p in made) / len(made)
     assert 0.6 < own < 0.9, "mostly the true continuation: the pairs the bundled judge gets wrong"
     assert relevance_pairs(qs, greedy, 0.0, seed=7) == []
+
+
+def test_the_greedy_share_sets_only_which_good_side_a_pair_gets() -> None:
+    """--judge-greedy-share: how often the good side is the target's greedy answer rather than the true
+    continuation (2-bit pairs always set the greedy answer against the 2-bit one). The degradations drawn
+    are the same at every share, so the held-out pairs (always 0.5) do not move with the training's."""
+    from transformers import AutoTokenizer
+
+    from qualgate.fixtures import MODELS_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(MODELS_DIR / "tokenizer")
+    ids = tuple(tokenizer("the value of the attribute is returned unchanged", add_special_tokens=False)["input_ids"])
+    qs = [Question(f"question {n}", tokenizer.decode(ids), ids) for n in range(300)]
+    greedy, quantized = [f"greedy {n}" for n in range(300)], [f"two-bit {n}" for n in range(300)]
+
+    def made(share: float) -> list[Any]:
+        return pairs(qs, greedy, quantized, tokenizer, seed=5, injected_share=0.0, greedy_share=share)
+
+    default, none, half, most = made(0.5), made(0.0), made(0.5), made(0.9)
+    assert default == pairs(qs, greedy, quantized, tokenizer, seed=5, injected_share=0.0), "0.5 is the default"
+    assert [p.kind for p in none] == [p.kind for p in half] == [p.kind for p in most]
+    others = [n for n, p in enumerate(half) if p.kind != "quantized"]
+    assert all(half[n].good == greedy[n] for n in range(300) if half[n].kind == "quantized")
+    share = {s: sum(ps[n].good.startswith("greedy") for n in others) / len(others)
+             for s, ps in ((0.0, none), (0.5, half), (0.9, most))}  # fmt: skip
+    assert share[0.0] == 0.0 and 0.4 < share[0.5] < 0.6 and share[0.9] > 0.8, share
+
+
+def test_errors_split_by_what_the_good_side_is() -> None:
+    """python -m qualgate.fixtures.judge_sources: a 2-bit pair's good side is the target's greedy answer by
+    construction, and the split counts each pair once, right only when both orders are."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from qualgate.fixtures import MODELS_DIR
+    from qualgate.fixtures.judge_pairs import Pair
+    from qualgate.fixtures.judge_sources import by_source, good_sides
+
+    tokenizer = AutoTokenizer.from_pretrained(MODELS_DIR / "tokenizer")
+    held = load_pairs(REPO / HELDOUT_PAIRS)
+    quantized = [p for p in held if p.kind == "quantized"][:3]
+    target = LlamaForCausalLM.from_pretrained(MODELS_DIR / "target").eval()
+    assert good_sides(target, tokenizer, quantized) == ["greedy"] * 3
+    ps = [Pair("q", "g", "b", "shuffled"), Pair("q", "g", "b", "shuffled"), Pair("q", "g", "g", "identical")]
+    verdicts = ["A", "B", "A", "A", "tie"]  # right; same answer in both orders (wrong); the tie (right)
+    assert by_source(verdicts, ps, ["continuation", "greedy", "greedy"]) == {
+        "identical": {"greedy": "1/1"},
+        "shuffled": {"continuation": "1/1", "greedy": "0/1"},
+    }
 
 
 def test_a_deepened_judge_starts_as_the_target_and_saves_as_a_plain_llama(tmp_path: Path) -> None:
