@@ -154,6 +154,33 @@ def test_errors_split_by_what_the_good_side_is() -> None:
     }
 
 
+def test_the_language_model_loss_reads_the_sound_answers_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    """--judge-lm-weight: each position of the sound answer (and the one before it) predicts the next token
+    of the sound answer inside the template; its first reported value is the target's own cross-entropy
+    there, before any update."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from qualgate.fixtures import MODELS_DIR
+    from qualgate.fixtures.judge_finetune import JudgeSettings, examples, finetune
+
+    tokenizer = AutoTokenizer.from_pretrained(MODELS_DIR / "tokenizer")
+    target = LlamaForCausalLM.from_pretrained(MODELS_DIR / "target")
+    data = examples(tokenizer, [p for p in load_pairs(REPO / HELDOUT_PAIRS) if p.good != p.bad][:2])
+    losses, count = 0.0, 0
+    with torch.no_grad():
+        for e in data:
+            lo, hi = e.answers[0] if e.verdict == "A" else e.answers[1]
+            logits = target(torch.tensor([e.prompt])).logits[0]
+            nll = torch.nn.functional.cross_entropy(
+                logits[lo - 1 : hi - 1], torch.tensor(e.prompt[lo:hi]), reduction="sum"
+            )
+            losses, count = losses + float(nll), count + hi - lo
+    finetune(target, data, JudgeSettings(lm_weight=1.0, batch_size=len(data)), tokenizer)
+    reported = float(capsys.readouterr().err.split(" lm ")[1].split()[0])
+    assert reported == pytest.approx(losses / count, abs=2e-3)
+
+
 def test_a_deepened_judge_starts_as_the_target_and_saves_as_a_plain_llama(tmp_path: Path) -> None:
     """--judge-extra-layers: the new layers start as identities (the judge begins where the target is) and
     the result is an ordinary Llama checkpoint, as served (converted to GGUF) and reloaded."""
