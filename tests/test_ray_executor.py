@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import yaml
@@ -20,6 +21,8 @@ from helpers import REPO, run_pipeline
 
 pytest.importorskip("ray")
 from ray_cluster import RayCluster
+
+T = TypeVar("T")
 
 LAYERS = {
     "w8": {"kind": "weight_quant", "method": "rtn", "bits": 8},
@@ -95,7 +98,7 @@ def ray_lines(output: str) -> list[re.Match[str]]:
     return list(re.finditer(pattern, output))
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 120) -> object:
+def wait_for(condition: Callable[[], T | None], timeout: float = 120) -> T:
     """Poll until `condition()` is truthy and return its value. A stack's partial directory is removed
     the moment the stack finishes, so a glob can race with that removal: it only means "not yet"."""
     deadline = time.monotonic() + timeout
@@ -171,7 +174,6 @@ def test_a_worker_killed_mid_stack_is_retried_and_the_report_is_unchanged(
     proc = start(pipeline(tmp_path, STACKS, small_golden), out, cluster, "--no-tracking")
     # Once the baseline is in and a layered stack has checkpointed a chunk: SIGKILL its worker.
     killed = wait_for(lambda: checkpointed_worker(out))
-    assert isinstance(killed, int)
     os.kill(killed, signal.SIGKILL)
     code, output = finish(proc)
     assert code in (0, 1) and "Traceback" not in output, output[-3000:]  # the verdict: the report, compared below
@@ -190,7 +192,6 @@ def test_a_worker_lost_with_no_restarts_left_is_replaced_by_the_driver(
     out = tmp_path / "run"
     proc = start(pipeline(tmp_path, STACKS, small_golden, executor=executor), out, cluster, "--no-tracking")
     killed = wait_for(lambda: checkpointed_worker(out))
-    assert isinstance(killed, int)
     os.kill(killed, signal.SIGKILL)
     code, output = finish(proc)
     assert code in (0, 1) and "Traceback" not in output, output[-3000:]
