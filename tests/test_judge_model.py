@@ -31,19 +31,11 @@ def test_training_requests_are_rendered_as_llama_cpp_python_serves_them() -> Non
     """The judge is trained on the exact prompt its server builds from qualgate's request."""
     llama_chat_format = pytest.importorskip("llama_cpp.llama_chat_format")
     pair = load_pairs(REPO / HELDOUT_PAIRS)[0]
-    request = protocols.pairwise(pair.question, pair.good, pair.bad, "QGx", completion=True)
-    served = llama_chat_format.format_chatml(request.messages)
-    assert render_chatml(request.messages) == served.prompt
+    served = llama_chat_format.format_chatml(protocols.pairwise(pair.question, pair.good, pair.bad, "QGx").messages)
+    assert render_chatml(protocols.pairwise(pair.question, pair.good, pair.bad, "QGx").messages) == served.prompt
     assert served.stop == "<|im_end|>"
     both = list(requests(pair))
-    assert both[0][0] == served.prompt.replace("QGx", protocols_nonce(pair)), "trained on completions, as served"
     assert [verdict for _, verdict in both] == (["tie"] if pair.good == pair.bad else ["A", "B"])
-
-
-def protocols_nonce(pair: Any) -> str:
-    from qualgate.instruments.judge.run import nonce
-
-    return nonce(pair.question, pair.good, pair.bad)
 
 
 def test_the_card_reports_the_held_out_figures() -> None:
