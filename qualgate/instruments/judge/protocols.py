@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 # v2: chat-control markers defanged, answers cut to max_answer_chars, the scrambled-answer control.
-TEMPLATE_VERSION = "qualgate-judge-v2"
+# v2.1: an answer over max_answer_chars has its repeated runs collapsed before the cut (`clip`).
+TEMPLATE_VERSION = "qualgate-judge-v2.1"
 
 SYSTEM = (
     "You are an impartial judge of answers to questions about Python and its standard library. "
@@ -88,12 +89,32 @@ def neutralize(answer: str, nonce: str) -> str:
     return answer.replace(nonce, "[removed]")
 
 
+# A run of one piece of text (16-240 characters) said four or more times over.
+_REPEATED = re.compile(r"(.{16,240}?)\1{3,}", re.DOTALL)
+
+
+def collapse(answer: str) -> str:
+    """The answer with every run of one repeated piece of text shown once, saying how often it repeats."""
+    return _REPEATED.sub(
+        lambda m: f"{m.group(1)}[... repeated {len(m.group(0)) // len(m.group(1)) - 1} more times] ", answer
+    )
+
+
 def clip(answer: str, limit: int | None) -> str:
     """At most `limit` characters of an answer, saying how much was cut: a flood of text can neither push
-    the instructions out of the judge's context nor overflow it."""
+    the instructions out of the judge's context nor overflow it. An answer over the limit first has its
+    repeated runs collapsed (`collapse`), so that what follows a flood of one sentence is still shown, not
+    cut: a long loop otherwise fills the whole window and the judge reads only the loop (measured: a judge
+    trained on the completion template, docs/metrics.md, tied 10 of 40 held-out losses once an instruction
+    and 5,500 characters of one repeated sentence came before the losing answer; collapsed first, none).
+    Answers within the limit are untouched."""
     if limit is None or len(answer) <= limit:
         return answer
-    return f"{answer[:limit]} [... {len(answer) - limit} characters cut]"
+    scanned = collapse(answer[: 20 * limit])  # the regex is linear-ish; a megabyte of noise is not scanned
+    dropped = len(answer) - min(len(answer), 20 * limit)
+    if len(scanned) <= limit and not dropped:
+        return scanned
+    return f"{scanned[:limit]} [... {len(scanned) - min(len(scanned), limit) + dropped} characters cut]"
 
 
 def _fenced(answer: str, nonce: str, limit: int | None) -> str:
