@@ -111,10 +111,10 @@ def clip(answer: str, limit: int | None) -> str:
     if limit is None or len(answer) <= limit:
         return answer
     scanned = collapse(answer[: 20 * limit])  # the regex is linear-ish; a megabyte of noise is not scanned
-    dropped = len(answer) - min(len(answer), 20 * limit)
+    dropped = max(0, len(answer) - 20 * limit)
     if len(scanned) <= limit and not dropped:
         return scanned
-    return f"{scanned[:limit]} [... {len(scanned) - min(len(scanned), limit) + dropped} characters cut]"
+    return f"{scanned[:limit]} [... {max(0, len(scanned) - limit) + dropped} characters cut]"
 
 
 def _fenced(answer: str, nonce: str, limit: int | None) -> str:
