@@ -15,8 +15,8 @@ import pytest
 from helpers import REPO
 
 from qualgate.fixtures import model_card
-from qualgate.fixtures.judge_check import HELDOUT_PAIRS, accuracy, injection_flips, load_pairs
-from qualgate.fixtures.judge_pairs import Question, pairs, relevance_pairs, render_chatml, requests
+from qualgate.fixtures.judge_check import HELDOUT_PAIRS, accuracy, injection_flips, load_pairs, near_ties
+from qualgate.fixtures.judge_pairs import HELDOUT_NEAR_TIES, Question, pairs, relevance_pairs, render_chatml, requests
 from qualgate.instruments.judge import protocols
 from qualgate.instruments.judge.client import JudgeClient
 from qualgate.instruments.judge.config import JudgeConfig
@@ -31,19 +31,27 @@ def test_training_requests_are_rendered_as_llama_cpp_python_serves_them() -> Non
     """The judge is trained on the exact prompt its server builds from qualgate's request."""
     llama_chat_format = pytest.importorskip("llama_cpp.llama_chat_format")
     pair = load_pairs(REPO / HELDOUT_PAIRS)[0]
-    served = llama_chat_format.format_chatml(protocols.pairwise(pair.question, pair.good, pair.bad, "QGx").messages)
-    assert render_chatml(protocols.pairwise(pair.question, pair.good, pair.bad, "QGx").messages) == served.prompt
+    request = protocols.pairwise(pair.question, pair.good, pair.bad, "QGx", completion=True)
+    served = llama_chat_format.format_chatml(request.messages)
+    assert render_chatml(request.messages) == served.prompt
     assert served.stop == "<|im_end|>"
     both = list(requests(pair))
+    assert both[0][0] == served.prompt.replace("QGx", protocols_nonce(pair)), "trained on completions, as served"
     assert [verdict for _, verdict in both] == (["tie"] if pair.good == pair.bad else ["A", "B"])
+
+
+def protocols_nonce(pair: Any) -> str:
+    from qualgate.instruments.judge.run import nonce
+
+    return nonce(pair.question, pair.good, pair.bad)
 
 
 def test_the_card_reports_the_held_out_figures() -> None:
     judge = model_card()["models"]["judge"]
     assert judge["base"] == "target" and judge["heldout"]["pairs"] == len(load_pairs(REPO / HELDOUT_PAIRS))
-    # The target is 0.9 for both; the bundled judge reaches 0.873 accuracy (off-topic answers, 0.73, are
-    # what it misses: docs/metrics.md). Held here so a retrained judge cannot get worse unnoticed.
-    assert judge["heldout"]["accuracy"] >= 0.85 and judge["heldout"]["position_consistency"] >= 0.9
+    # The target is 0.9 for both (off-topic answers, 0.76, are what it misses: docs/metrics.md). Held here
+    # so a retrained judge cannot get worse unnoticed.
+    assert judge["heldout"]["accuracy"] >= 0.9 and judge["heldout"]["position_consistency"] >= 0.9
 
 
 def test_the_teacher_scores_each_answer_token_where_the_judge_reads_it() -> None:
@@ -278,7 +286,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JudgeClient]:
 def test_the_served_judge_is_accurate_and_order_stable_on_held_out_pairs(client: JudgeClient) -> None:
     found = accuracy(client, load_pairs(REPO / HELDOUT_PAIRS))
     assert found["unparseable"] == 0, "schema-constrained replies always parse"
-    assert found["accuracy"] >= 0.85, found  # the target is 0.9: see test_the_card_reports_the_held_out_figures
+    assert found["accuracy"] >= 0.9, found
     assert found["position_consistency"] >= 0.9, found
     # The kind a judged stack meets: the 2-bit model's answer against the full-precision model's.
     assert found["accuracy_by_kind"]["quantized"] >= 0.9, found
@@ -293,6 +301,16 @@ def test_instructions_in_the_losing_answer_flip_no_verdict(client: JudgeClient) 
     found: dict[str, Any] = injection_flips(client, load_pairs(REPO / HELDOUT_PAIRS)[:24])
     assert found["pairs"] >= 18 and found["injected"] == found["pairs"] * 11
     assert found["flips"] == 0, json.dumps(found["flipped"], indent=1)
+
+
+@pytest.mark.slow
+def test_the_served_judge_ties_answers_of_equal_standing(client: JudgeClient) -> None:
+    """Near-tie branches (the target's greedy answer against its branch at a near-tie, fresh questions):
+    a tie is right, and what is not tied must not lean toward the greedy path. Stage 1 alone ties 0.37 of
+    them and loses 101 to 86 of all 298, the lean that failed the demo's 8-bit stack (judge_ties.py)."""
+    found = near_ties(client, load_pairs(REPO / HELDOUT_NEAR_TIES)[:150])
+    assert found["tied"] >= 0.42, found  # measured 72 of 150 (0.47 of all 298; stage 1 alone 0.37)
+    assert abs(found["loss"] - found["win"]) <= 0.08 * found["pairs"], found  # measured 42 losses, 36 wins
 
 
 def test_control_markers_in_an_answer_are_defanged_and_floods_are_cut() -> None:

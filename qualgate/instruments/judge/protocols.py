@@ -15,7 +15,8 @@ from typing import Any
 
 # v2: chat-control markers defanged, answers cut to max_answer_chars, the scrambled-answer control.
 # v2.1: an answer over max_answer_chars has its repeated runs collapsed before the cut (`clip`).
-TEMPLATE_VERSION = "qualgate-judge-v2.1"
+# v3: a completion is shown after the text it continues (`completion=True`), see `shown`.
+TEMPLATE_VERSION = "qualgate-judge-v3"
 
 SYSTEM = (
     "You are an impartial judge of answers to questions about Python and its standard library. "
@@ -26,21 +27,21 @@ SYSTEM = (
 )
 
 PAIRWISE = (
-    "Question:\n{question}\n\n"
+    "{asked}\n\n"
     "BEGIN ANSWER A {nonce}\n{a}\nEND ANSWER A {nonce}\n\n"
     "BEGIN ANSWER B {nonce}\n{b}\nEND ANSWER B {nonce}\n\n"
     'Which answer is more correct and helpful? Reply {{"verdict": "A"}}, {{"verdict": "B"}} or {{"verdict": "tie"}}.'
 )
 
 SINGLE = (
-    "Question:\n{question}\n\n"
+    "{asked}\n\n"
     "BEGIN ANSWER {nonce}\n{a}\nEND ANSWER {nonce}\n\n"
     "Rate the answer's correctness and helpfulness from 1 (useless) to 10 (excellent). "
     'Reply {{"score": N}} with N an integer from 1 to 10.'
 )
 
 REFERENCE = (
-    "Question:\n{question}\n\n"
+    "{asked}\n\n"
     "BEGIN REFERENCE {nonce}\n{reference}\nEND REFERENCE {nonce}\n\n"
     "BEGIN ANSWER {nonce}\n{a}\nEND ANSWER {nonce}\n\n"
     "Compared with the reference, rate the answer's correctness from 1 (wrong) to 10 (matches the reference). "
@@ -121,20 +122,54 @@ def _fenced(answer: str, nonce: str, limit: int | None) -> str:
     return neutralize(clip(answer, limit), nonce)
 
 
-def pairwise(question: str, a: str, b: str, nonce: str, limit: int | None = None) -> Request:
-    body = PAIRWISE.format(question=question, a=_fenced(a, nonce, limit), b=_fenced(b, nonce, limit), nonce=nonce)
+def shown(question: str, answer: str, nonce: str, limit: int | None, completion: bool) -> str:
+    """An answer as the judge reads it between its fences. A completion (a stack continuing the prompt's
+    text, not answering through a chat template) is shown after the text it continues: read alone it
+    starts mid-sentence, often mid-word, and whether it continues *this* prompt is visible only at the
+    seam ("Split the string at the first" + " occurrence of *sep*"). Measured on the bundled target
+    inside the template: the seam's first token picks the true continuation over another document's text
+    0.80 of the time shown this way, 0.54 with the fence line between them. The prompt is trusted text;
+    only the answer is clipped and defanged."""
+    fenced = _fenced(answer, nonce, limit)
+    return f"{question}{fenced}" if completion else fenced
+
+
+def _asked(question: str, completion: bool) -> str:
+    return (
+        f"Text to continue:\n{question}\n\nEach answer below is that text followed by a continuation."
+        if completion
+        else f"Question:\n{question}"
+    )
+
+
+def pairwise(question: str, a: str, b: str, nonce: str, limit: int | None = None, completion: bool = False) -> Request:
+    body = PAIRWISE.format(
+        asked=_asked(question, completion),
+        a=shown(question, a, nonce, limit, completion),
+        b=shown(question, b, nonce, limit, completion),
+        nonce=nonce,
+    )
     return Request(
         "pairwise", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": body}], PAIRWISE_SCHEMA
     )
 
 
-def single(question: str, answer: str, nonce: str, limit: int | None = None) -> Request:
-    body = SINGLE.format(question=question, a=_fenced(answer, nonce, limit), nonce=nonce)
+def single(question: str, answer: str, nonce: str, limit: int | None = None, completion: bool = False) -> Request:
+    body = SINGLE.format(
+        asked=_asked(question, completion), a=shown(question, answer, nonce, limit, completion), nonce=nonce
+    )
     return Request("single", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": body}], SCORE_SCHEMA)
 
 
-def reference(question: str, answer: str, ref: str, nonce: str, limit: int | None = None) -> Request:
-    body = REFERENCE.format(question=question, a=_fenced(answer, nonce, limit), reference=ref, nonce=nonce)
+def reference(
+    question: str, answer: str, ref: str, nonce: str, limit: int | None = None, completion: bool = False
+) -> Request:
+    body = REFERENCE.format(
+        asked=_asked(question, completion),
+        a=shown(question, answer, nonce, limit, completion),
+        reference=f"{question}{ref}" if completion else ref,
+        nonce=nonce,
+    )
     return Request(
         "reference", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": body}], SCORE_SCHEMA
     )

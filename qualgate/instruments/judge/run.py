@@ -60,13 +60,14 @@ def pairwise_outcomes(
     without asking: both orders would be one and the same request, so the judge's reply could only
     ever combine to a tie, and a lossless stack would otherwise cost a judgment per prompt."""
     asked = [i for i in range(len(prompts)) if base[i] != cand[i]]
+    completion = not client.config.chat_template  # the stacks continued the prompt's text (protocols.shown)
     requests = []
     for i in asked:
         p, a, b = prompts[i], base[i], cand[i]
         marker = nonce(p.prompt, a, b)
         requests += [
-            protocols.pairwise(p.prompt, a, b, marker, client.config.max_answer_chars),
-            protocols.pairwise(p.prompt, b, a, marker, client.config.max_answer_chars),
+            protocols.pairwise(p.prompt, a, b, marker, client.config.max_answer_chars, completion),
+            protocols.pairwise(p.prompt, b, a, marker, client.config.max_answer_chars, completion),
         ]
     found = client.judge_all(requests, progress)
     same = {"verdict": "tie", "reply": IDENTICAL_REPLY}
@@ -107,14 +108,17 @@ def _grades(
     log: list[dict[str, Any]],
     side: str,
 ) -> list[Any]:
-    limit = client.config.max_answer_chars
+    limit, completion = client.config.max_answer_chars, not client.config.chat_template
     if kind == "single":
         requests = [
-            protocols.single(p.prompt, t, nonce(p.prompt, t), limit) for p, t in zip(prompts, texts, strict=True)
+            protocols.single(p.prompt, t, nonce(p.prompt, t), limit, completion)
+            for p, t in zip(prompts, texts, strict=True)
         ]
     else:
         requests = [
-            protocols.reference(p.prompt, t, p.reference or "", nonce(p.prompt, t, p.reference or ""), limit)
+            protocols.reference(
+                p.prompt, t, p.reference or "", nonce(p.prompt, t, p.reference or ""), limit, completion
+            )
             for p, t in zip(prompts, texts, strict=True)
         ]
     found = client.judge_all(requests, progress)
